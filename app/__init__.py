@@ -1,0 +1,1 @@
+"""Switchboard's kernel: mediator, event store, outbox, relay, HTTP edge. It never imports `modules`."""

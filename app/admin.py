@@ -1,0 +1,74 @@
+"""Token-protected admin API: outbox, dead letters, services. Off unless SWITCHBOARD_ADMIN_TOKEN is set."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from litestar import Controller, Request, get, post
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
+from litestar.exceptions import NotAuthorizedException, NotFoundException
+from litestar.handlers import BaseRouteHandler
+from litestar.params import FromPath
+
+from app import operations
+from app.db import Database
+from app.messages import CommandRejected
+
+
+def require_admin_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
+    expected = connection.app.state.admin_token
+    given = connection.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise NotAuthorizedException("a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _actor(request: Request) -> str:
+    return f"admin-api:{request.client.host if request.client else 'unknown'}"
+
+
+class AdminController(Controller):
+    path = "/admin"
+    guards = [require_admin_token]
+    tags = ["admin"]
+
+    @get("/outbox")
+    async def outbox(self, db: NamedDependency[Database]) -> dict[str, Any]:
+        return await operations.outbox_status(db)
+
+    @get("/dead-letters")
+    async def dead_letters(
+        self, db: NamedDependency[Database], subscriber: str | None = None, status: str | None = "parked"
+    ) -> list[dict[str, Any]]:
+        return await operations.list_dead_letters(db, subscriber=subscriber, status=status)
+
+    @get("/dead-letters/{letter_id:int}")
+    async def dead_letter(self, letter_id: FromPath[int], db: NamedDependency[Database]) -> dict[str, Any]:
+        letter = await operations.get_dead_letter(db, letter_id)
+        if letter is None:
+            raise NotFoundException(f"no dead letter {letter_id}")
+        return letter
+
+    @post("/dead-letters/{letter_id:int}/replay", status_code=200)
+    async def replay(self, letter_id: FromPath[int], db: NamedDependency[Database], request: Request) -> dict[str, Any]:
+        return await self._resolve(operations.replay, db, letter_id, request)
+
+    @post("/dead-letters/{letter_id:int}/discard", status_code=200)
+    async def discard(self, letter_id: FromPath[int], db: NamedDependency[Database], request: Request) -> dict[str, Any]:
+        return await self._resolve(operations.discard, db, letter_id, request)
+
+    async def _resolve(self, action, db: Database, letter_id: int, request: Request) -> dict[str, Any]:
+        done = await action(db, [letter_id], _actor(request))
+        if not done:
+            letter = await operations.get_dead_letter(db, letter_id)
+            if letter is None:
+                raise NotFoundException(f"no dead letter {letter_id}")
+            raise CommandRejected(f"dead letter {letter_id} is already {letter['status']}")
+        return {"id": letter_id, "status": "replayed" if action is operations.replay else "discarded"}
+
+    @get("/services")
+    async def services(self, db: NamedDependency[Database]) -> list[dict[str, Any]]:
+        rows = await db.fetch("SELECT * FROM services ORDER BY instance_id")
+        return [dict(r) for r in rows]

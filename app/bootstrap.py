@@ -1,0 +1,145 @@
+"""Wiring: the only kernel file that knows the modules. Binds handler dependencies by name and
+builds the Mediator, the event catalog and the subscription table the relay delivers from."""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.db import Database
+from app.messages import Command, Query
+from app.mediator import Mediator, Module, Subscription, inject, inject_task
+from app.settings import Settings
+from app.uow import EventCatalog, UnitOfWork
+
+RELAY_PASSES = ("uow", "envelope")  # subscriber parameters the relay fills per delivery
+
+MODULES: tuple[str, ...] = ("inventory", "orders", "payments", "notifications")
+
+
+def load_modules(names: Sequence[str] = MODULES) -> list[Module]:
+    return [importlib.import_module(f"modules.{name}.module").module for name in names]
+
+
+@dataclass
+class BoundSubscription:
+    subscription: Subscription
+    event_types: list[type]
+    handler: Callable[..., Any] | None  # await handler(event, uow=uow); None when not hosted here
+
+
+@dataclass
+class System:
+    settings: Settings
+    db: Database
+    modules: list[Module]
+    hosted: frozenset[str]
+    catalog: EventCatalog
+    mediator: Mediator
+    subscriptions: dict[str, BoundSubscription]
+    background: list[Callable[[], Any]] = field(default_factory=list)
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.db, self.catalog)
+
+    @property
+    def controllers(self) -> list[type]:
+        return [c for m in self.modules if m.name in self.hosted for c in m.controllers]
+
+    @property
+    def hosted_subscribers(self) -> list[str]:
+        return [name for name, s in self.subscriptions.items() if s.subscription.module in self.hosted]
+
+
+def bootstrap(
+    settings: Settings,
+    db: Database,
+    *,
+    modules: Sequence[Module] | None = None,
+    overrides: Mapping[str, Callable[[], Any]] | None = None,
+) -> System:
+    """Build the system. Every module's subscriptions are known (so outbox rows are written for
+    all subscribers), but only hosted modules' handlers run here."""
+    modules = list(modules if modules is not None else load_modules())
+    hosted = frozenset(settings.modules or [m.name for m in modules])
+    unknown = hosted - {m.name for m in modules}
+    if unknown:
+        raise ValueError(f"SWITCHBOARD_MODULES names unknown modules: {sorted(unknown)}")
+
+    subscribers: dict[type, list[str]] = {}
+    for module in modules:
+        for event_type, subs in module.subscriptions.items():
+            for sub in subs:
+                if sub.module != module.name:
+                    raise ValueError(f"subscription {sub.name!r} must be named '{module.name}.<handler>'")
+                subscribers.setdefault(event_type, []).append(sub.name)
+    catalog = EventCatalog(subscribers, [t for m in modules for t in m.events])
+
+    system = System(settings, db, modules, hosted, catalog, mediator=None, subscriptions={})  # type: ignore[arg-type]
+    providers: dict[str, Callable[[], Any]] = {
+        "uow": system.uow,
+        "mediator": lambda: system.mediator,
+        "settings": lambda: settings,
+        "db": lambda: db,
+        "clock": lambda: time.time,
+        "new_uow": lambda: system.uow,
+    }
+    for module in modules:
+        providers.update(module.providers)
+    providers.update(overrides or {})
+
+    handlers: dict[type, tuple[str, Callable]] = {}
+    for module in modules:
+        for message_type, handler in {**module.commands, **module.queries}.items():
+            if message_type in handlers:
+                raise ValueError(
+                    f"{message_type.__name__} has two handlers: in {handlers[message_type][0]!r} and {module.name!r}"
+                )
+            handlers[message_type] = (module.name, inject(handler, providers) if module.name in hosted else None)
+    _check_handled(modules, handlers)
+    system.mediator = Mediator(
+        handlers,
+        default_timeout=settings.default_timeout,
+        breaker_fail_max=settings.breaker_fail_max,
+        breaker_reset_seconds=settings.breaker_reset_seconds,
+        bulkhead_limit=settings.bulkhead_limit,
+        conflict_retries=settings.conflict_retries,
+    )
+    for module in modules:
+        for event_type, subs in module.subscriptions.items():
+            for sub in subs:
+                bound = system.subscriptions.get(sub.name)
+                if bound is None:
+                    handler = inject(sub.handler, providers, passed=RELAY_PASSES) if module.name in hosted else None
+                    system.subscriptions[sub.name] = BoundSubscription(sub, [event_type], handler)
+                elif bound.subscription is sub:  # one subscription may take several event types
+                    bound.event_types.append(event_type)
+                else:
+                    raise ValueError(f"two different subscriptions are named {sub.name!r}")
+        if module.name in hosted:
+            system.background.extend(inject_task(task, providers) for task in module.background)
+    return system
+
+
+def _check_handled(modules: Sequence[Module], handlers: Mapping[type, Any]) -> None:
+    """Every Command and Query a module publishes in commands.py / queries.py needs its handler."""
+    for module in modules:
+        for part in ("commands", "queries"):
+            try:
+                contract = importlib.import_module(f"modules.{module.name}.{part}")
+            except ModuleNotFoundError:
+                continue
+            for value in vars(contract).values():
+                if (
+                    isinstance(value, type)
+                    and issubclass(value, (Command, Query))
+                    and value.__module__ == contract.__name__
+                    and value not in handlers
+                ):
+                    raise ValueError(
+                        f"{value.__name__} (modules.{module.name}.{part}) has no handler: "
+                        f"register it in modules/{module.name}/module.py"
+                    )

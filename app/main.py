@@ -1,0 +1,118 @@
+"""create_app(): the Litestar application, its lifespan (database, relay, background tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from litestar import Litestar, MediaType, Response, get
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.admin import AdminController
+from app.bootstrap import System, bootstrap, load_modules
+from app.db import Database, EmbeddedPostgres
+from app.http import EXCEPTION_HANDLERS, request_id_middleware
+from app.migrate import head_revision
+from app.relay import Relay
+from app.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """What one process holds while it serves: the database, the system, the relay."""
+
+    def __init__(self, settings: Settings, *, run_relay: bool = True) -> None:
+        self.settings = settings
+        self.run_relay = run_relay
+        self.system: System | None = None
+        self.relay: Relay | None = None
+        self.ready = False
+        self._embedded: EmbeddedPostgres | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        url = self.settings.database_url
+        if url is None:
+            self._embedded = EmbeddedPostgres(self.settings.data_dir)
+            url = await asyncio.to_thread(self._embedded.database_url)
+        db = await Database(url, max_size=self.settings.db_pool_size).connect()
+        try:
+            self.system = bootstrap(self.settings, db)
+            app.state.system = self.system
+            if self.run_relay:
+                self.relay = Relay(self.system)
+                self.relay.start()
+                self._tasks = [asyncio.create_task(task()) for task in self.system.background]
+            self.ready = True
+            yield
+        finally:
+            self.ready = False  # readiness turns false first: load balancers stop sending
+            if self.relay is not None:
+                await self.relay.stop()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await db.close()
+            if self._embedded is not None:
+                await asyncio.to_thread(self._embedded.stop)  # atexit does not run in server workers
+
+    def mediator(self):
+        return self.system.mediator
+
+    def db(self) -> Database:
+        return self.system.db
+
+
+def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> Litestar:
+    settings = settings or get_settings()
+    runtime = Runtime(settings, run_relay=run_relay)
+    modules = load_modules()
+    hosted = set(settings.modules or [m.name for m in modules])
+    controllers = [c for m in modules if m.name in hosted for c in m.controllers]
+
+    @get("/health/live", media_type=MediaType.JSON, tags=["health"])
+    async def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @get("/health/ready", media_type=MediaType.JSON, tags=["health"])
+    async def ready() -> Response[dict[str, str]]:
+        if not runtime.ready:
+            return Response({"status": "starting or stopping"}, status_code=503)
+        try:
+            async with asyncio.timeout(2):
+                revision = await runtime.db().fetchval("SELECT version_num FROM alembic_version")
+        except Exception as error:  # any failure here means: not ready
+            return Response({"status": "database unreachable", "error": type(error).__name__}, status_code=503)
+        if revision != head_revision():
+            return Response({"status": f"migrations at {revision}, code expects {head_revision()}"}, status_code=503)
+        return Response({"status": "ready", "instance": settings.instance_id}, status_code=200)
+
+    @get("/metrics", include_in_schema=False)
+    async def metrics() -> Response[bytes]:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    handlers = [live, ready, metrics, *controllers]
+    if settings.admin_token:
+        handlers.append(AdminController)
+
+    app = Litestar(
+        route_handlers=handlers,
+        lifespan=[runtime.lifespan],
+        dependencies={
+            "mediator": Provide(runtime.mediator, sync_to_thread=False),
+            "db": Provide(runtime.db, sync_to_thread=False),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[request_id_middleware],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="Switchboard", version="0.1.0", path="/schema"),
+    )
+    app.state.runtime = runtime
+    app.state.admin_token = settings.admin_token
+    return app

@@ -1,0 +1,74 @@
+"""The message contract every module speaks: commands, queries, events and the errors they raise."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import msgspec
+
+
+class Command(msgspec.Struct, frozen=True, kw_only=True):
+    """Asks the owning module to change something; exactly one handler."""
+
+    timeout: ClassVar[float | None] = None  # seconds; None = the mediator's default
+    idempotent: ClassVar[bool] = False  # safe to send twice (remote transport may retry it)
+
+
+class Query(msgspec.Struct, frozen=True, kw_only=True):
+    """Asks the owning module for data; never changes anything."""
+
+    timeout: ClassVar[float | None] = None
+    idempotent: ClassVar[bool] = True
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """A fact a module recorded; its tag is the stable topic stored in `events` and `outbox`."""
+
+    @classmethod
+    def topic(cls) -> str:
+        return cls.__struct_config__.tag
+
+
+class SwitchboardError(Exception):
+    """Base of the errors that cross module boundaries; each maps to one HTTP status."""
+
+    status_code: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class CommandRejected(SwitchboardError):
+    """The owning module said no for a business reason (insufficient stock, …): 409."""
+
+    status_code = 409
+    title = "Command rejected"
+
+
+class NotFound(SwitchboardError):
+    status_code = 404
+    title = "Not found"
+
+
+class Unavailable(SwitchboardError):
+    """The target module cannot answer now (breaker open, timeout, bulkhead full, database down): 503."""
+
+    status_code = 503
+    title = "Service unavailable"
+
+    def __init__(self, detail: str = "", retry_after: int = 1) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class ConcurrencyError(SwitchboardError):
+    """Another writer appended to the stream first; the mediator re-runs the command."""
+
+    status_code = 409
+    title = "Concurrent modification"
+
+
+class PermanentError(Exception):
+    """Raised by a subscriber for a failure retrying cannot fix: the relay dead-letters at once."""

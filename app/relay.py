@@ -1,0 +1,344 @@
+"""The relay: claims due outbox rows, delivers each to its subscriber inside a transaction that
+also writes the inbox row, then acknowledges, retries with backoff, or dead-letters.
+
+Guarantees (docs/ARCHITECTURE.md has the why):
+- a row is claimed by one live relay at a time (FOR UPDATE SKIP LOCKED + a lease);
+- per (subscriber, partition key) rows are delivered in id order, one at a time, also across
+  retries and dead letters (a row is claimable only when no earlier row of its key remains);
+- every failure ends in a retry (available_at, attempts, last_error) or in dead_letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from prometheus_client import Counter, Histogram
+
+from app import context
+from app.bootstrap import System
+from app.db import OUTBOX_CHANNEL
+from app.mediator import Envelope
+from app.messages import ConcurrencyError, PermanentError
+
+log = logging.getLogger(__name__)
+
+DELIVERED = Counter("switchboard_relay_delivered_total", "Outbox rows delivered", ["subscriber"])
+FAILED = Counter("switchboard_relay_failures_total", "Failed deliveries", ["subscriber", "outcome"])
+LAG = Histogram(
+    "switchboard_relay_lag_seconds",
+    "Commit-to-handler lag of delivered rows",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+CLAIM_SQL = """
+WITH due AS (
+    SELECT o.id FROM outbox o
+    WHERE o.status = 'pending' AND o.available_at <= now() AND o.subscriber = ANY($1::text[])
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox p
+          WHERE p.subscriber = o.subscriber AND p.partition_key = o.partition_key AND p.id < o.id)
+    ORDER BY o.id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE outbox o
+SET status = 'inflight', attempts = o.attempts + 1, locked_by = $3,
+    locked_until = now() + make_interval(secs => $4)
+FROM due WHERE o.id = due.id
+RETURNING o.id, o.message_id, o.position, o.subscriber, o.type, o.payload, o.headers, o.attempts,
+          extract(epoch FROM now() - o.created_at) AS age
+"""
+
+RECLAIM_SQL = """
+UPDATE outbox SET status = 'pending', locked_by = NULL, locked_until = NULL,
+    last_error = 'lease expired: relay ' || locked_by || ' stopped without an outcome',
+    first_failed_at = coalesce(first_failed_at, now())
+WHERE status = 'inflight' AND locked_until < now()
+"""
+
+EXTEND_SQL = """
+UPDATE outbox SET locked_until = now() + make_interval(secs => $3)
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+"""
+
+ACK_SQL = """
+WITH done AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]) RETURNING subscriber, position)
+INSERT INTO checkpoints (name, position)
+SELECT subscriber, max(position) FROM done GROUP BY subscriber ORDER BY subscriber
+ON CONFLICT (name) DO UPDATE SET position = greatest(checkpoints.position, excluded.position), updated_at = now()
+"""
+
+RETRY_SQL = """
+UPDATE outbox o SET status = 'pending', locked_by = NULL, locked_until = NULL,
+    available_at = now() + make_interval(secs => f.delay), last_error = f.error,
+    first_failed_at = coalesce(o.first_failed_at, now())
+FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS f(id, delay, error)
+WHERE o.id = f.id
+"""
+
+RELEASE_SQL = """
+UPDATE outbox SET status = 'pending', locked_by = NULL, locked_until = NULL
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+"""
+
+# Park the row as a dead letter and park its key's later rows behind it (ordered dead-lettering).
+DEAD_LETTER_SQL = """
+WITH dead AS (
+    UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL, last_error = $2,
+        first_failed_at = coalesce(first_failed_at, now())
+    WHERE id = $1
+    RETURNING *
+), letter AS (
+    INSERT INTO dead_letters (outbox_id, message_id, position, subscriber, type, partition_key, payload,
+        headers, attempts, error_type, error_message, error_traceback, first_failed_at, last_failed_at)
+    SELECT id, message_id, position, subscriber, type, partition_key, payload, headers, attempts,
+        $3, $4, $5, first_failed_at, now()
+    FROM dead
+    RETURNING id, outbox_id, subscriber, partition_key
+), history AS (
+    INSERT INTO dead_letter_history (dead_letter_id, action, actor) SELECT id, 'parked', $6 FROM letter
+), parked AS (
+    UPDATE outbox o SET status = 'blocked', blocked_by = letter.id
+    FROM letter
+    WHERE o.subscriber = letter.subscriber AND o.partition_key = letter.partition_key
+      AND o.id > letter.outbox_id AND o.status = 'pending'
+)
+SELECT id FROM letter
+"""
+
+INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> float:
+    """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^(attempt-1)))."""
+    return rand() * min(cap, base * 2 ** max(attempt - 1, 0))
+
+
+class LeaseExpired(Exception):
+    """Earlier attempts ended without an outcome (the relay holding the row died)."""
+
+
+@dataclass
+class Outcome:
+    row: Any
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+class Relay:
+    def __init__(
+        self,
+        system: System,
+        *,
+        instance_id: str | None = None,
+        subscribers: list[str] | None = None,
+        concurrency: int | None = None,
+    ) -> None:
+        settings = system.settings
+        self.system = system
+        self.db = system.db
+        self.instance_id = instance_id or settings.instance_id
+        self.subscribers = subscribers if subscribers is not None else system.hosted_subscribers
+        self.batch_size = settings.relay_batch_size
+        self.poll_seconds = settings.relay_poll_seconds
+        self.lease_seconds = settings.relay_lease_seconds
+        self.handler_timeout = settings.relay_handler_timeout
+        self.concurrency = concurrency or max(2, system.db.max_size // 2)
+        self.delivered = 0
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._last_reclaim = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task:
+        self._task = asyncio.create_task(self.run(), name=f"relay {self.instance_id}")
+        return self._task
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop claiming, finish the batch in hand (bounded by `grace`), release what is left."""
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+
+    async def run(self) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    await self._ensure_listener()
+                    claimed = await self.run_once()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                    log.warning("relay %s: database error, retrying: %s", self.instance_id, error)
+                    claimed = 0
+                if claimed < self.batch_size and not self._stopping:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                    self._wake.clear()
+        finally:
+            if self._listener is not None:
+                with contextlib.suppress(Exception):
+                    await self._listener.close()
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is None or self._listener.is_closed():
+            self._listener = await asyncpg.connect(self.db.url)
+            await self._listener.add_listener(OUTBOX_CHANNEL, lambda *_: self._wake.set())
+
+    async def drain(self, timeout: float = 30.0) -> int:
+        """Deliver until nothing is due (rows waiting for a later retry stay). For tests and tools."""
+        delivered = 0
+        async with asyncio.timeout(timeout):
+            while claimed := await self.run_once(reclaim=True):
+                delivered += claimed
+        return delivered
+
+    # -- one cycle -------------------------------------------------------------------------------
+
+    async def run_once(self, reclaim: bool = False) -> int:
+        """Claim one batch, deliver it, settle every row. Returns how many rows were claimed."""
+        now = time.monotonic()
+        if reclaim or now - self._last_reclaim > 1.0:
+            self._last_reclaim = now
+            await self.db.execute(RECLAIM_SQL)
+        if not self.subscribers:
+            return 0
+        rows = await self.db.fetch(
+            CLAIM_SQL, self.subscribers, self.batch_size, self.instance_id, self.lease_seconds
+        )
+        if not rows:
+            return 0
+        ids = [r["id"] for r in rows]
+        keeper = asyncio.create_task(self._keep_leases(ids))
+        try:
+            limit = asyncio.Semaphore(self.concurrency)
+
+            async def bounded(row):
+                async with limit:
+                    return await self._deliver(row)
+
+            outcomes = await asyncio.gather(*(bounded(r) for r in rows))
+            await self._settle(outcomes)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.db.execute(RELEASE_SQL, ids, self.instance_id))
+            raise
+        finally:
+            keeper.cancel()
+        return len(rows)
+
+    async def _keep_leases(self, ids: list[int]) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            await self.db.execute(EXTEND_SQL, ids, self.instance_id, self.lease_seconds)
+
+    async def _deliver(self, row) -> Outcome:
+        bound = self.system.subscriptions.get(row["subscriber"])
+        started = time.perf_counter()
+        try:
+            if bound is None or bound.handler is None:
+                raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
+            max_attempts = bound.subscription.max_attempts or self.system.settings.retry_max_attempts
+            if row["attempts"] > max_attempts:
+                raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
+            event = self.system.catalog.decode(row["type"], row["payload"])
+            headers = _decode_headers(row["headers"])
+            context.correlation_id.set(headers.get("correlation_id"))
+            context.causation_id.set(str(row["message_id"]))
+            envelope = Envelope(
+                message_id=row["message_id"],
+                position=row["position"],
+                subscriber=row["subscriber"],
+                attempt=row["attempts"],
+                headers=headers,
+            )
+            async with asyncio.timeout(self.handler_timeout):
+                for conflict in range(5):
+                    try:
+                        await self._apply(bound.handler, row, event, envelope)
+                        break
+                    except ConcurrencyError:
+                        if conflict == 4:
+                            raise
+            return Outcome(row, None, time.perf_counter() - started)
+        except Exception as error:
+            return Outcome(row, error, time.perf_counter() - started)
+
+    async def _apply(self, handler, row, event, envelope: Envelope) -> None:
+        uow = self.system.uow()
+        async with uow:
+            conn = await uow.transaction()
+            if await conn.fetchval(INBOX_SQL, row["subscriber"], row["message_id"]):
+                await handler(event, uow=uow, envelope=envelope)
+            # else: applied before (a redelivery after a lost ack): acknowledge without running it
+            await uow.commit()
+
+    async def _settle(self, outcomes: list[Outcome]) -> None:
+        done = [o for o in outcomes if o.error is None]
+        if done:
+            await self.db.execute(ACK_SQL, [o.row["id"] for o in done])
+            self.delivered += len(done)
+            for o in done:
+                DELIVERED.labels(o.row["subscriber"]).inc()
+                LAG.observe(float(o.row["age"]) + o.seconds)
+        retries: tuple[list, list, list] = ([], [], [])
+        for outcome in outcomes:
+            if outcome.error is None:
+                continue
+            row, error = outcome.row, outcome.error
+            bound = self.system.subscriptions.get(row["subscriber"])
+            sub = bound.subscription if bound else None
+            settings = self.system.settings
+            max_attempts = (sub and sub.max_attempts) or settings.retry_max_attempts
+            summary = f"{type(error).__name__}: {error}"[:2000]
+            if isinstance(error, (PermanentError, LeaseExpired)) or row["attempts"] >= max_attempts:
+                FAILED.labels(row["subscriber"], "dead_lettered").inc()
+                await self._dead_letter(row, error, summary)
+            else:
+                FAILED.labels(row["subscriber"], "retry").inc()
+                delay = backoff_delay(
+                    row["attempts"],
+                    (sub and sub.retry_base_seconds) or settings.retry_base_seconds,
+                    (sub and sub.retry_cap_seconds) or settings.retry_cap_seconds,
+                )
+                retries[0].append(row["id"])
+                retries[1].append(delay)
+                retries[2].append(summary)
+                log.info("retrying %s for %s in %.2fs: %s", row["id"], row["subscriber"], delay, summary)
+        if retries[0]:
+            await self.db.execute(RETRY_SQL, *retries)
+
+    async def _dead_letter(self, row, error: BaseException, summary: str) -> None:
+        trace = "".join(traceback.format_exception(error, limit=6))[-4000:]
+        async with self.db.acquire() as conn:
+            letter = await conn.fetchval(
+                DEAD_LETTER_SQL,
+                row["id"],
+                summary,
+                type(error).__name__,
+                str(error)[:2000],
+                trace,
+                f"relay:{self.instance_id}",
+            )
+        log.warning("dead-lettered outbox row %s (%s) as %s: %s", row["id"], row["subscriber"], letter, summary)
+
+
+def _decode_headers(raw: str | bytes) -> dict[str, Any]:
+    import msgspec
+
+    return msgspec.json.decode(raw)

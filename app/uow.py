@@ -1,0 +1,165 @@
+"""Unit of work: load aggregates by replay, then append their events and one outbox row per
+(event, subscriber) in one statement, in one transaction, with a NOTIFY that fires on commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+import msgspec
+
+from app import context
+from app.aggregate import Aggregate
+from app.db import OUTBOX_CHANNEL, Database
+from app.messages import ConcurrencyError, Event, NotFound
+
+A = TypeVar("A", bound=Aggregate)
+
+_encode = msgspec.json.Encoder().encode
+
+# One round trip: events, their outbox rows, and the wake-up. Positions come back in stream order.
+APPEND_SQL = f"""
+WITH ev AS (
+    INSERT INTO events (event_id, stream_id, version, type, data, metadata)
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::jsonb[])
+    RETURNING position, event_id, stream_id, type, data, metadata
+), ob AS (
+    INSERT INTO outbox (message_id, position, subscriber, type, partition_key, payload, headers)
+    SELECT ev.event_id, ev.position, s.subscriber, ev.type, ev.stream_id, ev.data, ev.metadata
+    FROM unnest($7::uuid[], $8::text[]) AS s(event_id, subscriber)
+    JOIN ev ON ev.event_id = s.event_id
+    ORDER BY ev.position
+    RETURNING 1
+)
+SELECT array_agg(position ORDER BY position),
+       (SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM (SELECT 1 FROM ob LIMIT 1) AS any_row)
+FROM ev
+"""
+
+LOAD_SQL = "SELECT type, data FROM events WHERE stream_id = $1 ORDER BY version"
+
+
+class EventCatalog:
+    """Every event type by topic, and the subscription names each one fans out to."""
+
+    def __init__(self, subscribers: Mapping[type[Event], Sequence[str]], types: Sequence[type[Event]] = ()):
+        self.types: dict[str, type[Event]] = {t.topic(): t for t in (*types, *subscribers)}
+        self.subscribers: dict[type[Event], tuple[str, ...]] = {t: tuple(s) for t, s in subscribers.items()}
+        self._decoders = {topic: msgspec.json.Decoder(t) for topic, t in self.types.items()}
+
+    def register(self, event_type: type[Event]) -> None:
+        self.types.setdefault(event_type.topic(), event_type)
+        self._decoders.setdefault(event_type.topic(), msgspec.json.Decoder(event_type))
+
+    def decode(self, topic: str, data: str | bytes) -> Event:
+        try:
+            return self._decoders[topic].decode(data)
+        except KeyError:
+            raise LookupError(f"unknown event type {topic!r}: is its module in MODULES?") from None
+
+
+class UnitOfWork:
+    """One per message. `async with uow:` nests: only the outermost `commit()` ends the transaction,
+    so the relay can wrap a subscriber's work and its inbox row in one transaction."""
+
+    def __init__(self, db: Database, catalog: EventCatalog) -> None:
+        self._db = db
+        self._catalog = catalog
+        self._conn: asyncpg.Connection | None = None
+        self._tx: Any = None
+        self._depth = 0
+        self._seen: dict[tuple[type, Any], Aggregate] = {}
+        self.positions: list[int] = []
+
+    async def __aenter__(self) -> UnitOfWork:
+        if self._depth == 0:
+            self._conn = await self._db.pool.acquire()
+        self._depth += 1
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
+        try:
+            if self._tx is not None:
+                await self._tx.rollback()  # never committed: nothing is published
+        finally:
+            self._tx = None
+            self._seen.clear()
+            conn, self._conn = self._conn, None
+            await self._db.pool.release(conn)
+
+    @property
+    def connection(self) -> asyncpg.Connection:
+        """For reads; `await transaction()` before writing module tables."""
+        assert self._conn is not None, "use `async with uow:`"
+        return self._conn
+
+    async def transaction(self) -> asyncpg.Connection:
+        """The connection inside this unit's transaction (begun on first call); writes made
+        through it commit or roll back together with the events."""
+        if self._tx is None:
+            self._tx = self.connection.transaction()
+            await self._tx.start()
+        return self._conn
+
+    async def get(self, cls: type[A], id: Any) -> A:
+        aggregate = await self.find(cls, id)
+        if aggregate is None:
+            raise NotFound(f"{cls.__name__} {id} does not exist")
+        return aggregate
+
+    async def find(self, cls: type[A], id: Any) -> A | None:
+        key = (cls, id)
+        if key in self._seen:
+            return self._seen[key]  # type: ignore[return-value]
+        rows = await self.connection.fetch(LOAD_SQL, cls.stream_id_for(id))
+        if not rows:
+            return None
+        aggregate = cls.rehydrate(id, [self._catalog.decode(r["type"], r["data"]) for r in rows])
+        self._seen[key] = aggregate
+        return aggregate
+
+    def add(self, aggregate: Aggregate) -> None:
+        self._seen[(type(aggregate), aggregate.id)] = aggregate
+
+    async def commit(self) -> None:
+        pending = [a for a in self._seen.values() if a.pending_events]
+        if pending:
+            if self._depth > 1 or self._tx is not None:
+                await self.transaction()
+            self.positions.extend(await self._append(pending))
+        if self._depth <= 1 and self._tx is not None:
+            tx, self._tx = self._tx, None
+            await tx.commit()
+
+    async def _append(self, aggregates: list[Aggregate]) -> list[int]:
+        metadata = _encode(
+            {"correlation_id": context.current_correlation_id(), "causation_id": context.causation_id.get()}
+        ).decode()
+        ids, streams, versions, types, datas, sub_ids, sub_names = [], [], [], [], [], [], []
+        for aggregate in aggregates:
+            version = aggregate.stored_version
+            for event in aggregate.collect_events():
+                version += 1
+                event_id = uuid.uuid4()
+                ids.append(event_id)
+                streams.append(aggregate.stream_id)
+                versions.append(version)
+                types.append(event.topic())
+                datas.append(_encode(event).decode())
+                for subscriber in self._catalog.subscribers.get(type(event), ()):
+                    sub_ids.append(event_id)
+                    sub_names.append(subscriber)
+        try:
+            positions, _ = await self.connection.fetchrow(
+                APPEND_SQL, ids, streams, versions, types, datas, [metadata] * len(ids), sub_ids, sub_names
+            )
+        except asyncpg.UniqueViolationError as error:
+            if error.constraint_name == "events_stream_version":
+                raise ConcurrencyError(f"stream changed concurrently: {error.detail}") from None
+            raise
+        return positions

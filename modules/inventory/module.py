@@ -1,0 +1,23 @@
+"""Wiring: inventory's messages, subscriptions and routes."""
+
+from app.mediator import Module, Subscription
+from modules.inventory import api, handlers
+from modules.inventory.commands import AddStock, ReserveStock
+from modules.inventory.events import ReservationCommitted, ReservationReleased, StockAdded, StockReserved
+from modules.inventory.queries import GetStockLevel
+from modules.orders.events import OrderPlaced
+from modules.payments.events import PaymentCaptured, PaymentDeclined
+
+module = Module(
+    name="inventory",
+    commands={AddStock: handlers.add_stock, ReserveStock: handlers.reserve_stock},
+    queries={GetStockLevel: handlers.get_stock_level},
+    subscriptions={
+        OrderPlaced: [Subscription("inventory.confirm_reservation", handlers.confirm_reservation)],
+        PaymentCaptured: [Subscription("inventory.commit_reservation", handlers.commit_reservation)],
+        PaymentDeclined: [Subscription("inventory.release_reservation", handlers.release_reservation)],
+    },
+    controllers=[api.InventoryController],
+    events=[StockAdded, StockReserved, ReservationReleased, ReservationCommitted],
+    background=[handlers.release_unconfirmed_reservations],
+)

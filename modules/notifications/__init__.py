@@ -1,0 +1,1 @@
+"""Notifications owns what the customer is told about their order's outcome."""

@@ -1,0 +1,24 @@
+"""HTTP for notifications."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from litestar import Controller, get
+from litestar.di import NamedDependency
+from litestar.params import Parameter
+from typing_extensions import Annotated
+
+from app.mediator import Mediator
+from modules.notifications.queries import ListNotifications, NotificationView
+
+
+class NotificationController(Controller):
+    path = "/notifications"
+    tags = ["notifications"]
+
+    @get("/")
+    async def list(
+        self, order_id: Annotated[UUID, Parameter(query="order_id")], mediator: NamedDependency[Mediator]
+    ) -> list[NotificationView]:
+        return await mediator.ask(ListNotifications(order_id=order_id))

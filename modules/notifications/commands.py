@@ -1,0 +1,1 @@
+"""Notifications takes no commands: it reacts to payment outcomes."""

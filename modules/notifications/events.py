@@ -1,0 +1,1 @@
+"""Notifications publishes no events yet."""

@@ -1,0 +1,15 @@
+"""Wiring: notifications' subscription, query and route."""
+
+from app.mediator import Module, Subscription
+from modules.notifications import api, handlers
+from modules.notifications.queries import ListNotifications
+from modules.payments.events import PaymentCaptured, PaymentDeclined
+
+notify_customer = Subscription("notifications.notify_customer", handlers.notify_customer)
+
+module = Module(
+    name="notifications",
+    queries={ListNotifications: handlers.list_notifications},
+    subscriptions={PaymentCaptured: [notify_customer], PaymentDeclined: [notify_customer]},
+    controllers=[api.NotificationController],
+)

@@ -1,0 +1,82 @@
+"""HTTP for orders: each request becomes one message."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from uuid import UUID
+
+import msgspec
+from litestar import Controller, Response, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, Parameter
+from typing_extensions import Annotated
+
+from app.mediator import Mediator
+from modules.orders.commands import OrderLine, PlaceOrder
+from modules.orders.queries import GetOrder, OrderLineView, OrderView
+
+POSITION_HEADER = "X-Switchboard-Position"
+
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+
+
+class LineRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    sku: Text
+    quantity: Annotated[int, msgspec.Meta(gt=0, le=1_000_000)]
+
+
+class PlaceOrderRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    customer_id: Text
+    items: Annotated[list[LineRequest], msgspec.Meta(min_length=1, max_length=100)]
+    payment_method: Text
+
+
+class OrderPlacedResponse(msgspec.Struct, frozen=True, kw_only=True):
+    order_id: UUID
+    status: str
+    customer_id: str
+    items: list[OrderLineView]
+    payment_method: str
+    position: int  # read-your-writes token: pass it back as ?after= or X-Switchboard-Position
+    placed_at: datetime
+
+
+class OrderController(Controller):
+    path = "/orders"
+    tags = ["orders"]
+
+    @post("/", status_code=201)
+    async def place(
+        self, data: JSONBody[PlaceOrderRequest], mediator: NamedDependency[Mediator]
+    ) -> Response[OrderPlacedResponse]:
+        accepted = await mediator.send(
+            PlaceOrder(
+                customer_id=data.customer_id,
+                lines=tuple(OrderLine(sku=i.sku, quantity=i.quantity) for i in data.items),
+                payment_method=data.payment_method,
+            )
+        )
+        body = OrderPlacedResponse(
+            order_id=accepted.order_id,
+            status="placed",
+            customer_id=data.customer_id,
+            items=[OrderLineView(sku=i.sku, quantity=i.quantity) for i in data.items],
+            payment_method=data.payment_method,
+            position=accepted.position,
+            placed_at=datetime.now().astimezone(),
+        )
+        return Response(
+            body,
+            status_code=201,
+            headers={"Location": f"/orders/{accepted.order_id}", POSITION_HEADER: str(accepted.position)},
+        )
+
+    @get("/{order_id:uuid}")
+    async def detail(
+        self,
+        order_id: FromPath[UUID],
+        mediator: NamedDependency[Mediator],
+        after: Annotated[int | None, Parameter(query="after", ge=0)] = None,
+        position: Annotated[int | None, Parameter(header=POSITION_HEADER, ge=0)] = None,
+    ) -> OrderView:
+        return await mediator.ask(GetOrder(order_id=order_id, after=after if after is not None else position))

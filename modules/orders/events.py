@@ -1,0 +1,34 @@
+"""Facts the orders module records; other modules may react to them."""
+
+from uuid import UUID
+
+import msgspec
+
+from app.messages import Event
+
+
+class PlacedLine(msgspec.Struct, frozen=True, kw_only=True):
+    sku: str
+    quantity: int
+
+
+class OrderPlaced(Event, tag="orders.OrderPlaced"):
+    """A customer committed to buy; inventory already holds the stock."""
+
+    order_id: UUID
+    customer_id: str
+    lines: tuple[PlacedLine, ...]
+    payment_method: str
+
+
+class OrderPaid(Event, tag="orders.OrderPaid"):
+    """The order's payment was captured."""
+
+    order_id: UUID
+
+
+class OrderPaymentDeclined(Event, tag="orders.OrderPaymentDeclined"):
+    """The customer's payment method was declined; the order will not ship."""
+
+    order_id: UUID
+    reason: str

@@ -1,0 +1,24 @@
+"""Wiring: orders' messages, subscriptions and routes."""
+
+from app.mediator import Module, Subscription
+from modules.orders import api, handlers, read_model
+from modules.orders.commands import PlaceOrder
+from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPlaced
+from modules.orders.queries import GetOrder, GetOrderPlacement
+from modules.payments.events import PaymentCaptured, PaymentDeclined
+
+project_order_view = Subscription(read_model.VIEW, read_model.project_order_view)
+
+module = Module(
+    name="orders",
+    commands={PlaceOrder: handlers.place_order},
+    queries={GetOrder: read_model.get_order, GetOrderPlacement: handlers.get_order_placement},
+    subscriptions={
+        OrderPlaced: [project_order_view],
+        OrderPaid: [project_order_view],
+        OrderPaymentDeclined: [project_order_view],
+        PaymentCaptured: [Subscription("orders.mark_order_paid", handlers.mark_order_paid)],
+        PaymentDeclined: [Subscription("orders.mark_order_payment_declined", handlers.mark_order_payment_declined)],
+    },
+    controllers=[api.OrderController],
+)

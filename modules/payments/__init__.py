@@ -1,0 +1,1 @@
+"""Payments owns charging an order's payment method through the payment provider."""

@@ -1,0 +1,1 @@
+"""Payments takes no commands from other modules: it reacts to OrderPlaced."""

@@ -1,0 +1,21 @@
+"""Facts the payments module records; other modules may react to them."""
+
+from uuid import UUID
+
+from app.messages import Event
+
+
+class PaymentCaptured(Event, tag="payments.PaymentCaptured"):
+    """The provider took the money for the order."""
+
+    order_id: UUID
+    payment_method: str
+    provider_reference: str
+
+
+class PaymentDeclined(Event, tag="payments.PaymentDeclined"):
+    """The provider refused the payment method: a business outcome, not a failure to retry."""
+
+    order_id: UUID
+    payment_method: str
+    reason: str

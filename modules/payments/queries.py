@@ -1,0 +1,1 @@
+"""Payments answers no queries yet."""
