@@ -10,7 +10,7 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.handlers import BaseRouteHandler
-from litestar.params import FromPath
+from litestar.params import FromPath, FromQuery
 
 from app import operations
 from app.db import Database
@@ -40,7 +40,10 @@ class AdminController(Controller):
 
     @get("/dead-letters")
     async def dead_letters(
-        self, db: NamedDependency[Database], subscriber: str | None = None, status: str | None = "parked"
+        self,
+        db: NamedDependency[Database],
+        subscriber: FromQuery[str | None] = None,
+        status: FromQuery[str | None] = "parked",
     ) -> list[dict[str, Any]]:
         return await operations.list_dead_letters(db, subscriber=subscriber, status=status)
 

@@ -6,8 +6,7 @@ from uuid import UUID
 
 from litestar import Controller, get
 from litestar.di import NamedDependency
-from litestar.params import Parameter
-from typing_extensions import Annotated
+from litestar.params import FromQuery
 
 from app.mediator import Mediator
 from modules.notifications.queries import ListNotifications, NotificationView
@@ -19,6 +18,6 @@ class NotificationController(Controller):
 
     @get("/")
     async def list(
-        self, order_id: Annotated[UUID, Parameter(query="order_id")], mediator: NamedDependency[Mediator]
+        self, order_id: FromQuery[UUID], mediator: NamedDependency[Mediator]
     ) -> list[NotificationView]:
         return await mediator.ask(ListNotifications(order_id=order_id))

@@ -8,7 +8,7 @@ from uuid import UUID
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, Parameter
+from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 from typing_extensions import Annotated
 
 from app.mediator import Mediator
@@ -76,7 +76,7 @@ class OrderController(Controller):
         self,
         order_id: FromPath[UUID],
         mediator: NamedDependency[Mediator],
-        after: Annotated[int | None, Parameter(query="after", ge=0)] = None,
-        position: Annotated[int | None, Parameter(header=POSITION_HEADER, ge=0)] = None,
+        after: Annotated[int | None, QueryParameter(ge=0)] = None,
+        position: Annotated[int | None, HeaderParameter(name=POSITION_HEADER, ge=0)] = None,
     ) -> OrderView:
         return await mediator.ask(GetOrder(order_id=order_id, after=after if after is not None else position))
