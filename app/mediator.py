@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -18,8 +19,8 @@ import msgspec
 from prometheus_client import Counter, Histogram
 
 from app.messages import (
-    CommandRejected,
     Command,
+    CommandRejected,
     ConcurrencyError,
     Event,
     NotFound,
@@ -133,6 +134,23 @@ class Route:
         )
 
 
+class _OpenedAt(aiobreaker.CircuitBreakerListener):
+    """When the breaker last opened, on the monotonic clock. aiobreaker stamps `opened_at` with
+    utcnow() but measures `CircuitBreakerError.time_remaining` against local now(), so its answer
+    is off by the zone's UTC offset (5 hours in New York, none at all in Tokyo)."""
+
+    def __init__(self) -> None:
+        self.at = 0.0
+
+    def state_change(self, breaker, old, new) -> None:
+        if new.state is aiobreaker.CircuitBreakerState.OPEN:
+            self.at = time.monotonic()
+
+    def retry_after(self, breaker: aiobreaker.CircuitBreaker) -> int:
+        remaining = breaker.timeout_duration.total_seconds() - (time.monotonic() - self.at)
+        return max(1, math.ceil(remaining))
+
+
 def _business_error(module: str) -> Callable[[BaseException], bool]:
     """Errors that say nothing about the target module's health do not count against its breaker:
     business rejections, and a dependency's unavailability reported by another module."""
@@ -158,14 +176,17 @@ class Mediator:
     ) -> None:
         self.breakers: dict[str, aiobreaker.CircuitBreaker] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
+        self._opened: dict[str, _OpenedAt] = {}
         self.conflict_retries = conflict_retries
         self._routes: dict[type, Route] = {}
         for message_type, (module, handler) in handlers.items():
             if module not in self.breakers:
+                self._opened[module] = _OpenedAt()
                 self.breakers[module] = aiobreaker.CircuitBreaker(
                     fail_max=breaker_fail_max,
                     timeout_duration=timedelta(seconds=breaker_reset_seconds),
                     exclude=[_business_error(module)],
+                    listeners=[self._opened[module]],
                     name=module,
                 )
                 self.bulkheads[module] = Bulkhead(bulkhead_limit)
@@ -203,7 +224,7 @@ class Mediator:
             return result
         except aiobreaker.CircuitBreakerError as error:
             outcome = "unavailable"
-            retry_after = max(1, int(error.time_remaining.total_seconds()) + 1) if error.reopen_time else 1
+            retry_after = self._opened[route.module].retry_after(route.breaker)
             raise _unavailable(route.module, f"module {route.module!r} is failing; circuit open", retry_after) from error
         except Unavailable:
             outcome = "unavailable"

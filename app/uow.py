@@ -127,7 +127,8 @@ class UnitOfWork:
         self._seen[(type(aggregate), aggregate.id)] = aggregate
 
     async def commit(self) -> None:
-        pending = [a for a in self._seen.values() if a.pending_events]
+        # One lock order for every unit: two units touching the same streams queue, not deadlock.
+        pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
         if pending:
             if self._depth > 1 or self._tx is not None:
                 await self.transaction()
@@ -162,4 +163,8 @@ class UnitOfWork:
             if error.constraint_name == "events_stream_version":
                 raise ConcurrencyError(f"stream changed concurrently: {error.detail}") from None
             raise
+        except asyncpg.DeadlockDetectedError as error:
+            # Units that append in several statements (nested) can still wait on each other;
+            # PostgreSQL aborts one, which decides again on fresh state like any other conflict.
+            raise ConcurrencyError(f"deadlock with a concurrent writer: {error.detail or error}") from None
         return positions

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 from litestar import Controller, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
-from typing_extensions import Annotated
+from litestar.params import JSONBody, PathParameter
 
 from app.mediator import Mediator
 from modules.inventory.commands import AddStock
 from modules.inventory.queries import GetStockLevel, StockLevelView
 
-Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refuse it here (400), not in the database (500)
+Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=NO_NUL)]
 
 
 class AddStockRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -32,5 +34,7 @@ class InventoryController(Controller):
         return await mediator.ask(GetStockLevel(sku=data.sku))
 
     @get("/{sku:str}")
-    async def level(self, sku: FromPath[str], mediator: NamedDependency[Mediator]) -> StockLevelView:
+    async def level(
+        self, sku: Annotated[str, PathParameter(pattern=NO_NUL)], mediator: NamedDependency[Mediator]
+    ) -> StockLevelView:
         return await mediator.ask(GetStockLevel(sku=sku))

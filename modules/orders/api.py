@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 from uuid import UUID
 
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
-from typing_extensions import Annotated
 
 from app.mediator import Mediator
 from modules.orders.commands import OrderLine, PlaceOrder
@@ -17,7 +17,9 @@ from modules.orders.queries import GetOrder, OrderLineView, OrderView
 
 POSITION_HEADER = "X-Switchboard-Position"
 
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+POSITION_MAX = 2**63 - 1  # events.position is a bigint: larger values cannot name a position
+# PostgreSQL text cannot hold NUL: refuse it here (400) rather than fail in the database (500).
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
 
 
 class LineRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -76,7 +78,7 @@ class OrderController(Controller):
         self,
         order_id: FromPath[UUID],
         mediator: NamedDependency[Mediator],
-        after: Annotated[int | None, QueryParameter(ge=0)] = None,
-        position: Annotated[int | None, HeaderParameter(name=POSITION_HEADER, ge=0)] = None,
+        after: Annotated[int | None, QueryParameter(ge=0, le=POSITION_MAX)] = None,
+        position: Annotated[int | None, HeaderParameter(name=POSITION_HEADER, ge=0, le=POSITION_MAX)] = None,
     ) -> OrderView:
         return await mediator.ask(GetOrder(order_id=order_id, after=after if after is not None else position))
