@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
 import pytest
-from litestar.testing import AsyncTestClient
+import httpx
+from litestar import Litestar
 
 from app.bootstrap import System, bootstrap
 from app.db import Database, EmbeddedPostgres, ensure_database, normalize_url, with_database
@@ -88,9 +89,41 @@ def relay(system: System) -> Relay:
     return Relay(system, instance_id="relay-test")
 
 
+class AppClient(httpx.AsyncClient):
+    app: Litestar
+
+
 @pytest.fixture
-async def client(settings: Settings, db: Database) -> AsyncIterator[AsyncTestClient]:
-    """The whole HTTP app (relay off: tests drain it themselves) on the test database."""
+async def client(settings: Settings, db: Database) -> AsyncIterator[AppClient]:
+    """The whole app (relay off: tests drive delivery) served in the test's own event loop.
+
+    Not litestar's AsyncTestClient: it runs the app in a portal thread and blocks the calling loop
+    per request, so asyncio.gather() over it would run requests one at a time, and a Relay over
+    `client.app.state.system` would use a pool bound to another loop."""
     app = create_app(replace(settings, admin_token="secret-admin-token"), run_relay=False)
-    async with AsyncTestClient(app=app) as client:
-        yield client
+    started, stop = asyncio.Event(), asyncio.Event()
+
+    async def serve() -> None:  # the lifespan's task group must be entered and left in one task
+        async with app.lifespan():
+            started.set()
+            await stop.wait()
+
+    server = asyncio.create_task(serve())
+    ready = asyncio.create_task(started.wait())
+    await asyncio.wait([server, ready], return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():
+        ready.cancel()
+        server.result()  # the lifespan failed before it was ready: raise its error
+    try:
+        async with AppClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as http:
+            http.app = app
+            yield http
+    finally:
+        stop.set()
+        await server
+
+
+@pytest.fixture
+def app_relay(client: AppClient) -> Relay:
+    """A relay over the app's own system (the app runs none: tests drive delivery)."""
+    return Relay(client.app.state.system, instance_id="t")

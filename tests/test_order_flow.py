@@ -7,56 +7,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from uuid import UUID
 
-import httpx
 import pytest
-from litestar import Litestar
 
-from app.main import create_app
 from app.relay import Relay
 from modules.payments.gateway import fake_provider
 
 ADMIN = {"Authorization": "Bearer secret-admin-token"}
 CHARGE = "payments.charge_order"
-
-
-class AppClient(httpx.AsyncClient):
-    app: Litestar
-
-
-@pytest.fixture
-async def client(settings, db) -> AsyncIterator[AppClient]:
-    """The whole app (relay off) served in the test's own event loop.
-
-    Replaces conftest's `client` here: litestar's AsyncTestClient runs the app in a portal thread
-    and blocks the calling loop for each request, so asyncio.gather() over it runs requests one
-    at a time, and a Relay over `client.app.state.system` would use a pool of another loop."""
-    app = create_app(replace(settings, admin_token="secret-admin-token"), run_relay=False)
-    started, stop = asyncio.Event(), asyncio.Event()
-
-    async def serve() -> None:  # the lifespan's task group must be entered and left in one task
-        async with app.lifespan():
-            started.set()
-            await stop.wait()
-
-    server = asyncio.create_task(serve())
-    ready = asyncio.create_task(started.wait())
-    await asyncio.wait([server, ready], return_when=asyncio.FIRST_COMPLETED)
-    if not ready.done():
-        ready.cancel()
-        server.result()  # the lifespan failed before it was ready: raise its error
-    try:
-        async with AppClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as http:
-            http.app = app
-            yield http
-    finally:
-        stop.set()
-        await server
-
-
-@pytest.fixture
-def app_relay(client) -> Relay:
-    """A relay over the app's own system (the app runs none: tests drive delivery)."""
-    return Relay(client.app.state.system, instance_id="t")
 
 
 async def stock(client, sku: str = "widget", quantity: int = 10) -> None:
