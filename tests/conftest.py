@@ -8,8 +8,8 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 
-import pytest
 import httpx
+import pytest
 from litestar import Litestar
 
 from app.bootstrap import System, bootstrap

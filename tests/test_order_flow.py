@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
+from collections.abc import Awaitable, Callable
 from uuid import UUID
-
-import pytest
 
 from app.relay import Relay
 from modules.payments.gateway import fake_provider

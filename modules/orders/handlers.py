@@ -17,10 +17,10 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, mediator: Mediator) -> O
     order_id = uuid.uuid4()
     # Synchronous on purpose: the client learns now whether the stock is there.
     await mediator.send(
-        ReserveStock(order_id=order_id, lines=tuple(StockLine(sku=l.sku, quantity=l.quantity) for l in cmd.lines))
+        ReserveStock(order_id=order_id, lines=tuple(StockLine(sku=line.sku, quantity=line.quantity) for line in cmd.lines))
     )
     async with uow:
-        uow.add(Order.place(order_id, cmd.customer_id, [(l.sku, l.quantity) for l in cmd.lines], cmd.payment_method))
+        uow.add(Order.place(order_id, cmd.customer_id, [(line.sku, line.quantity) for line in cmd.lines], cmd.payment_method))
         await uow.commit()
     return OrderAccepted(order_id=order_id, position=uow.positions[-1])
 
