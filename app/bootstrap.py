@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import importlib
 import time
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.db import Database
 from app.mediator import Mediator, Module, Subscription, inject, inject_task
-from app.messages import Command, Query
+from app.messages import (
+    Command,
+    CommandRejected,
+    ConcurrencyError,
+    NotFound,
+    Query,
+    SwitchboardError,
+    Unavailable,
+)
+from app.registry import Registry
+from app.remote import MessageCatalog, RemoteTransport
 from app.settings import Settings
 from app.uow import EventCatalog, UnitOfWork
 
@@ -40,6 +51,8 @@ class System:
     catalog: EventCatalog
     mediator: Mediator
     subscriptions: dict[str, BoundSubscription]
+    registry: Registry
+    transport: RemoteTransport
     background: list[Callable[[], Any]] = field(default_factory=list)
 
     def uow(self) -> UnitOfWork:
@@ -78,7 +91,18 @@ def bootstrap(
                 subscribers.setdefault(event_type, []).append(sub.name)
     catalog = EventCatalog(subscribers, [t for m in modules for t in m.events])
 
-    system = System(settings, db, modules, hosted, catalog, mediator=None, subscriptions={})  # type: ignore[arg-type]
+    registry = Registry(
+        db,
+        instance_id=settings.instance_id,
+        modules=sorted(hosted),
+        base_url=settings.base_url,
+        interval=settings.heartbeat_seconds,
+    )
+    messages = _message_catalog(modules)
+    transport = RemoteTransport(registry, messages, settings.internal_token)
+    system = System(
+        settings, db, modules, hosted, catalog, mediator=None, subscriptions={}, registry=registry, transport=transport
+    )  # type: ignore[arg-type]
     providers: dict[str, Callable[[], Any]] = {
         "uow": system.uow,
         "mediator": lambda: system.mediator,
@@ -105,7 +129,10 @@ def bootstrap(
                 raise ValueError(
                     f"{message_type.__name__} has two handlers: in {handlers[message_type][0]!r} and {module.name!r}"
                 )
-            handlers[message_type] = (module.name, inject(handler, providers) if module.name in hosted else None)
+            if module.name in hosted:
+                handlers[message_type] = (module.name, inject(handler, providers))
+            else:  # same send()/ask(), same behaviours: the handler just runs in another process
+                handlers[message_type] = (module.name, transport.caller(module.name, message_type))
     _check_handled(modules, handlers)
     system.mediator = Mediator(
         handlers,
@@ -114,6 +141,7 @@ def bootstrap(
         breaker_reset_seconds=settings.breaker_reset_seconds,
         bulkhead_limit=settings.bulkhead_limit,
         conflict_retries=settings.conflict_retries,
+        local_modules=hosted,
     )
     for module in modules:
         for event_type, subs in module.subscriptions.items():
@@ -153,3 +181,27 @@ def _check_handled(modules: Sequence[Module], handlers: Mapping[type, Any]) -> N
                         f"{value.__name__} (modules.{module.name}.{part}) has no handler: "
                         f"register it in modules/{module.name}/module.py"
                     )
+
+
+def _message_catalog(modules: Sequence[Module]) -> MessageCatalog:
+    """Wire names, result types (the handlers' return annotations) and error classes by name,
+    for every module, hosted here or not: what the remote transport needs on both ends."""
+    names: dict[type, str] = {}
+    results: dict[type, Any] = {}
+    errors: dict[str, type[SwitchboardError]] = {
+        e.__name__: e for e in (CommandRejected, NotFound, Unavailable, ConcurrencyError)
+    }
+    for module in modules:
+        for message_type, handler in {**module.commands, **module.queries}.items():
+            names[message_type] = f"{module.name}.{message_type.__name__}"
+            result = typing.get_type_hints(handler).get("return", Any)
+            results[message_type] = type(None) if result is None else result
+        for part in ("commands", "queries"):
+            try:
+                contract = importlib.import_module(f"modules.{module.name}.{part}")
+            except ModuleNotFoundError:
+                continue
+            for value in vars(contract).values():
+                if isinstance(value, type) and issubclass(value, SwitchboardError):
+                    errors.setdefault(value.__name__, value)
+    return MessageCatalog(names, results, errors)

@@ -44,6 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["DATABASE_URL"] = url  # workers reach the same server
         if args.modules:
             os.environ["SWITCHBOARD_MODULES"] = args.modules
+        if not os.environ.get("SWITCHBOARD_BASE_URL"):  # what other instances call (registry)
+            host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+            os.environ["SWITCHBOARD_BASE_URL"] = f"http://{host}:{args.port}"
         if not args.no_migrate:
             from app.migrate import upgrade
 

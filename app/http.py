@@ -31,7 +31,9 @@ def problem(status: int, title: str, detail: str = "", headers: dict[str, str] |
 
 def on_switchboard_error(request: Request, error: SwitchboardError) -> Response:
     headers = {"Retry-After": str(error.retry_after)} if isinstance(error, Unavailable) else None
-    return problem(error.status_code, error.title, error.detail, headers, instance=request.url.path)
+    # `code` names the error class: the remote transport raises the same class on the caller's side
+    return problem(error.status_code, error.title, error.detail, headers, instance=request.url.path,
+                   code=type(error).__name__)
 
 
 def on_http_exception(request: Request, error: HTTPException) -> Response:

@@ -18,6 +18,7 @@ from app.db import Database, EmbeddedPostgres
 from app.http import EXCEPTION_HANDLERS, request_id_middleware
 from app.migrate import head_revision
 from app.relay import Relay
+from app.remote import internal_endpoint
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -45,19 +46,26 @@ class Runtime:
         try:
             self.system = bootstrap(self.settings, db)
             app.state.system = self.system
-            if self.run_relay:
+            await self.system.transport.start()
+            if self.run_relay:  # a serving process: relay, background tasks, registry entry
                 self.relay = Relay(self.system)
                 self.relay.start()
                 self._tasks = [asyncio.create_task(task()) for task in self.system.background]
+                await self.system.registry.register()
+                self.system.registry.start()
             self.ready = True
             yield
         finally:
             self.ready = False  # readiness turns false first: load balancers stop sending
             if self.relay is not None:
-                await self.relay.stop()
+                await self.relay.stop()  # finishes its batch or releases the claims
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self.system is not None:
+                if self.run_relay:
+                    await self.system.registry.stop()  # deregisters
+                await self.system.transport.close()
             await db.close()
             if self._embedded is not None:
                 await asyncio.to_thread(self._embedded.stop)  # atexit does not run in server workers
@@ -100,6 +108,8 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
     handlers = [live, ready, metrics, *controllers]
     if settings.admin_token:
         handlers.append(AdminController)
+    if settings.internal_token:  # modules hosted here can be called by other instances
+        handlers.append(internal_endpoint(settings.internal_token, lambda: runtime.system))
 
     app = Litestar(
         route_handlers=handlers,

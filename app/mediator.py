@@ -173,7 +173,9 @@ class Mediator:
         breaker_reset_seconds: float = 30.0,
         bulkhead_limit: int = 200,
         conflict_retries: int = 30,
+        local_modules: frozenset[str] | None = None,
     ) -> None:
+        self.local_modules = local_modules  # None: every module runs in this process
         self.breakers: dict[str, aiobreaker.CircuitBreaker] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
         self._opened: dict[str, _OpenedAt] = {}
@@ -205,6 +207,14 @@ class Mediator:
 
     def module_of(self, message_type: type) -> str:
         return self._routes[message_type].module
+
+    async def dispatch_local(self, message: Command | Query) -> Any:
+        """For the remote transport's receiving end: run only if the owning module is hosted
+        here, so a misrouted call cannot bounce from process to process."""
+        route = self._routes.get(type(message))
+        if route is not None and self.local_modules is not None and route.module not in self.local_modules:
+            raise Unavailable(f"module {route.module!r} is not hosted by this instance")
+        return await self._dispatch(message)
 
     async def _dispatch(self, message: Any) -> Any:
         route = self._routes.get(type(message))

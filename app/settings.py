@@ -25,6 +25,9 @@ class Settings:
     instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     modules: tuple[str, ...] | None = None  # None: host every module
     admin_token: str | None = None  # None: the admin API is off
+    internal_token: str | None = None  # None: no module can be called from another process
+    base_url: str | None = None  # where other instances reach this one (registered in `services`)
+    heartbeat_seconds: float = 2.0
     db_pool_size: int = 20
     max_body_bytes: int = 1_048_576
     # mediator
@@ -52,6 +55,9 @@ class Settings:
             data_dir=Path(os.environ.get("SWITCHBOARD_DATA_DIR", ".switchboard")),
             modules=tuple(m.strip() for m in modules.split(",") if m.strip()) if modules else None,
             admin_token=os.environ.get("SWITCHBOARD_ADMIN_TOKEN") or None,
+            internal_token=os.environ.get("SWITCHBOARD_INTERNAL_TOKEN") or None,
+            base_url=os.environ.get("SWITCHBOARD_BASE_URL") or None,
+            heartbeat_seconds=_float("SWITCHBOARD_HEARTBEAT", 2.0),
             db_pool_size=_int("SWITCHBOARD_DB_POOL_SIZE", 20),
             default_timeout=_float("SWITCHBOARD_TIMEOUT", 5.0),
             breaker_fail_max=_int("SWITCHBOARD_BREAKER_FAIL_MAX", 5),

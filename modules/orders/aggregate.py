@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Self
 from uuid import UUID
 
@@ -18,7 +19,9 @@ class Order(Aggregate):
         self.status = "new"
 
     @classmethod
-    def place(cls, id: UUID, customer_id: str, lines: list[tuple[str, int]], payment_method: str) -> Self:
+    def place(
+        cls, id: UUID, customer_id: str, lines: list[tuple[str, int]], payment_method: str, placed_at: datetime | None = None
+    ) -> Self:
         order = cls(id)
         order._record(
             OrderPlaced(
@@ -26,6 +29,7 @@ class Order(Aggregate):
                 customer_id=customer_id,
                 lines=tuple(PlacedLine(sku=sku, quantity=qty) for sku, qty in lines),
                 payment_method=payment_method,
+                placed_at=placed_at,
             )
         )
         return order

@@ -49,13 +49,19 @@ class OrderController(Controller):
 
     @post("/", status_code=201)
     async def place(
-        self, data: JSONBody[PlaceOrderRequest], mediator: NamedDependency[Mediator]
+        self,
+        data: JSONBody[PlaceOrderRequest],
+        mediator: NamedDependency[Mediator],
+        idempotency_key: Annotated[
+            str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255)
+        ] = None,
     ) -> Response[OrderPlacedResponse]:
         accepted = await mediator.send(
             PlaceOrder(
                 customer_id=data.customer_id,
                 lines=tuple(OrderLine(sku=i.sku, quantity=i.quantity) for i in data.items),
                 payment_method=data.payment_method,
+                idempotency_key=idempotency_key,
             )
         )
         body = OrderPlacedResponse(
@@ -65,7 +71,7 @@ class OrderController(Controller):
             items=[OrderLineView(sku=i.sku, quantity=i.quantity) for i in data.items],
             payment_method=data.payment_method,
             position=accepted.position,
-            placed_at=datetime.now().astimezone(),
+            placed_at=accepted.placed_at,
         )
         return Response(
             body,

@@ -1,5 +1,6 @@
 """Facts the orders module records; other modules may react to them."""
 
+from datetime import datetime
 from uuid import UUID
 
 import msgspec
@@ -19,6 +20,7 @@ class OrderPlaced(Event, tag="orders.OrderPlaced"):
     customer_id: str
     lines: tuple[PlacedLine, ...]
     payment_method: str
+    placed_at: datetime | None = None
 
 
 class OrderPaid(Event, tag="orders.OrderPaid"):

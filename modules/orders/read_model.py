@@ -22,11 +22,12 @@ async def project_order_view(event: Event, uow: UnitOfWork) -> None:
         case OrderPlaced():
             await conn.execute(
                 "INSERT INTO orders_view (order_id, customer_id, status, items, payment_method, version, placed_at)"
-                " VALUES ($1, $2, 'placed', $3, $4, 1, now()) ON CONFLICT (order_id) DO NOTHING",
+                " VALUES ($1, $2, 'placed', $3, $4, 1, coalesce($5, now())) ON CONFLICT (order_id) DO NOTHING",
                 event.order_id,
                 event.customer_id,
                 _encode(event.lines).decode(),
                 event.payment_method,
+                event.placed_at,
             )
         case OrderPaid():
             await _set_status(conn, event.order_id, "paid")
