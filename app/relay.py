@@ -3,6 +3,7 @@ also writes the inbox row, then acknowledges, retries with backoff, or dead-lett
 
 Guarantees (docs/ARCHITECTURE.md has the why):
 - a row is claimed by one live relay at a time (FOR UPDATE SKIP LOCKED + a lease);
+- only the relay that still holds a row's lease acknowledges, retries or dead-letters it;
 - per (subscriber, partition key) rows are delivered in id order, one at a time, also across
   retries and dead letters (a row is claimable only when no earlier row of its key remains);
 - every failure ends in a retry (available_at, attempts, last_error) or in dead_letters.
@@ -69,11 +70,19 @@ UPDATE outbox SET locked_until = now() + make_interval(secs => $3)
 WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
 """
 
+# Settling touches only rows this relay still holds: if its lease lapsed and another relay took a
+# row over, that relay's outcome stands (a stale retry or dead letter would overwrite it; a stale
+# ack is not needed: the inbox makes the new holder acknowledge without running the handler).
 ACK_SQL = """
-WITH done AS (DELETE FROM outbox WHERE id = ANY($1::bigint[]) RETURNING subscriber, position)
-INSERT INTO checkpoints (name, position)
-SELECT subscriber, max(position) FROM done GROUP BY subscriber ORDER BY subscriber
-ON CONFLICT (name) DO UPDATE SET position = greatest(checkpoints.position, excluded.position), updated_at = now()
+WITH done AS (
+    DELETE FROM outbox WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+    RETURNING subscriber, position
+), checkpoint AS (
+    INSERT INTO checkpoints (name, position)
+    SELECT subscriber, max(position) FROM done GROUP BY subscriber ORDER BY subscriber
+    ON CONFLICT (name) DO UPDATE SET position = greatest(checkpoints.position, excluded.position), updated_at = now()
+)
+SELECT count(*) FROM done
 """
 
 RETRY_SQL = """
@@ -81,11 +90,13 @@ UPDATE outbox o SET status = 'pending', locked_by = NULL, locked_until = NULL,
     available_at = now() + make_interval(secs => f.delay), last_error = f.error,
     first_failed_at = coalesce(o.first_failed_at, now())
 FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS f(id, delay, error)
-WHERE o.id = f.id
+WHERE o.id = f.id AND o.locked_by = $4 AND o.status = 'inflight'
 """
 
+# Handing rows back (graceful stop, or the batch was cancelled): the attempt never reached an
+# outcome and its transaction rolled back, so it does not count against max_attempts.
 RELEASE_SQL = """
-UPDATE outbox SET status = 'pending', locked_by = NULL, locked_until = NULL
+UPDATE outbox SET status = 'pending', locked_by = NULL, locked_until = NULL, attempts = greatest(attempts - 1, 0)
 WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
 """
 
@@ -94,7 +105,7 @@ DEAD_LETTER_SQL = """
 WITH dead AS (
     UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL, last_error = $2,
         first_failed_at = coalesce(first_failed_at, now())
-    WHERE id = $1
+    WHERE id = $1 AND locked_by = $7 AND status = 'inflight'
     RETURNING *
 ), letter AS (
     INSERT INTO dead_letters (outbox_id, message_id, position, subscriber, type, partition_key, payload,
@@ -115,6 +126,7 @@ SELECT id FROM letter
 """
 
 INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
+APPLIED_SQL = "SELECT EXISTS (SELECT 1 FROM inbox WHERE subscriber = $1 AND message_id = $2)"
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> float:
@@ -245,7 +257,11 @@ class Relay:
     async def _keep_leases(self, ids: list[int]) -> None:
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            await self.db.execute(EXTEND_SQL, ids, self.instance_id, self.lease_seconds)
+            try:
+                await self.db.execute(EXTEND_SQL, ids, self.instance_id, self.lease_seconds)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                # keep trying: a keeper that died here would let the lease lapse mid-batch
+                log.warning("relay %s: could not extend leases: %s", self.instance_id, error)
 
     async def _deliver(self, row) -> Outcome:
         bound = self.system.subscriptions.get(row["subscriber"])
@@ -255,6 +271,9 @@ class Relay:
                 raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
             max_attempts = bound.subscription.max_attempts or self.system.settings.retry_max_attempts
             if row["attempts"] > max_attempts:
+                if await self.db.fetchval(APPLIED_SQL, row["subscriber"], row["message_id"]):
+                    # its relays died after committing, before acknowledging: nothing left to do
+                    return Outcome(row, None, time.perf_counter() - started)
                 raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
             event = self.system.catalog.decode(row["type"], row["payload"])
             headers = _decode_headers(row["headers"])
@@ -291,8 +310,7 @@ class Relay:
     async def _settle(self, outcomes: list[Outcome]) -> None:
         done = [o for o in outcomes if o.error is None]
         if done:
-            await self.db.execute(ACK_SQL, [o.row["id"] for o in done])
-            self.delivered += len(done)
+            self.delivered += await self.db.fetchval(ACK_SQL, [o.row["id"] for o in done], self.instance_id)
             for o in done:
                 DELIVERED.labels(o.row["subscriber"]).inc()
                 LAG.observe(float(o.row["age"]) + o.seconds)
@@ -321,7 +339,7 @@ class Relay:
                 retries[2].append(summary)
                 log.info("retrying %s for %s in %.2fs: %s", row["id"], row["subscriber"], delay, summary)
         if retries[0]:
-            await self.db.execute(RETRY_SQL, *retries)
+            await self.db.execute(RETRY_SQL, *retries, self.instance_id)
 
     async def _dead_letter(self, row, error: BaseException, summary: str) -> None:
         trace = "".join(traceback.format_exception(error, limit=6))[-4000:]
@@ -334,8 +352,19 @@ class Relay:
                 str(error)[:2000],
                 trace,
                 f"relay:{self.instance_id}",
+                self.instance_id,
             )
-        log.warning("dead-lettered outbox row %s (%s) as %s: %s", row["id"], row["subscriber"], letter, summary)
+        if letter is None:
+            log.warning(
+                "outbox row %s (%s) failed after this relay lost its lease: %s",
+                row["id"],
+                row["subscriber"],
+                summary,
+            )
+            return
+        log.warning(
+            "dead-lettered outbox row %s (%s) as %s: %s", row["id"], row["subscriber"], letter, summary
+        )
 
 
 def _decode_headers(raw: str | bytes) -> dict[str, Any]:

@@ -76,7 +76,7 @@ async def clean(request) -> None:
     if "db" in request.fixturenames or "client" in request.fixturenames or "system" in request.fixturenames:
         database = request.getfixturevalue("db")
         await database.execute(f"TRUNCATE {TABLES} RESTART IDENTITY")
-    fake_provider.attempts.clear()
+    fake_provider.calls.clear()
 
 
 @pytest.fixture

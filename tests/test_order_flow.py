@@ -187,7 +187,7 @@ async def test_a_flaky_card_is_paid_after_three_attempts_and_charged_once(client
 
     await drain_until(app_relay, lambda: _status_is(client, placed["order_id"], "paid"))
 
-    assert fake_provider.attempts[UUID(placed["order_id"])] == 3
+    assert fake_provider.calls[UUID(placed["order_id"])] == 3
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE subscriber = $1", CHARGE) == 0  # acknowledged
     captured = await db.fetchval("SELECT count(*) FROM events WHERE type = 'payments.PaymentCaptured'")
     assert captured == 1
@@ -204,7 +204,7 @@ async def test_a_broken_card_is_dead_lettered_and_the_order_stays_placed(client,
     assert letter["status"] == "parked"
     assert letter["attempts"] == 5  # the subscription's max_attempts
     assert letter["error_type"] == "CardProcessingError"
-    assert fake_provider.attempts[UUID(placed["order_id"])] == 5
+    assert fake_provider.calls[UUID(placed["order_id"])] == 5
     assert await order_status(client, placed["order_id"]) == "placed"
 
 
@@ -218,7 +218,7 @@ async def test_replaying_a_dead_letter_runs_it_again_and_keeps_its_history(clien
     await drain_until(app_relay, lambda: _has_dead_letters(db, 2))
 
     old, new = await dead_letters(db)
-    assert fake_provider.attempts[UUID(placed["order_id"])] == 10  # five more attempts after the replay
+    assert fake_provider.calls[UUID(placed["order_id"])] == 10  # five more attempts after the replay
     assert (old["status"], new["status"]) == ("replayed", "parked")
     assert new["message_id"] == old["message_id"] and new["outbox_id"] == old["outbox_id"]
     history = (await client.get(f"/admin/dead-letters/{old['id']}", headers=ADMIN)).json()["history"]

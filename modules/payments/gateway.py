@@ -26,7 +26,9 @@ class CardProcessingError(Exception):
 
 
 class PaymentProvider(Protocol):
-    async def charge(self, order_id: UUID, payment_method: str, idempotency_key: str) -> ChargeResult: ...
+    async def charge(
+        self, order_id: UUID, payment_method: str, idempotency_key: str, attempt: int = 1
+    ) -> ChargeResult: ...
 
 
 # Provider outages open the breaker; card-level errors do not.
@@ -37,21 +39,26 @@ breaker = aiobreaker.CircuitBreaker(
 
 class FakePaymentProvider:
     """pm_card_ok captures; pm_card_declined declines; pm_card_flaky errors on the first two
-    attempts for an order, then captures; pm_card_broken always errors. Others decline."""
+    attempts for an order, then captures; pm_card_broken always errors. Others decline.
+
+    "Attempt" is the caller's delivery attempt: replicas share no memory, and a fake that counted
+    calls per process would need up to 2 failures per replica before the card went through."""
 
     def __init__(self) -> None:
-        self.attempts: Counter[UUID] = Counter()
+        self.calls: Counter[UUID] = Counter()  # per process, for tests that count provider calls
 
     @breaker
-    async def charge(self, order_id: UUID, payment_method: str, idempotency_key: str) -> ChargeResult:
-        self.attempts[order_id] += 1
+    async def charge(
+        self, order_id: UUID, payment_method: str, idempotency_key: str, attempt: int = 1
+    ) -> ChargeResult:
+        self.calls[order_id] += 1
         match payment_method:
             case "pm_card_ok":
                 return ChargeResult(captured=True, reference=f"ch_{idempotency_key}")
             case "pm_card_declined":
                 return ChargeResult(captured=False, reason="card declined")
-            case "pm_card_flaky" if self.attempts[order_id] <= 2:
-                raise CardProcessingError(f"processor timeout (attempt {self.attempts[order_id]}), try again")
+            case "pm_card_flaky" if attempt <= 2:
+                raise CardProcessingError(f"processor timeout (attempt {attempt}), try again")
             case "pm_card_flaky":
                 return ChargeResult(captured=True, reference=f"ch_{idempotency_key}")
             case "pm_card_broken":

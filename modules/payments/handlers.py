@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from app.mediator import Envelope
 from app.uow import UnitOfWork
 from modules.orders.events import OrderPlaced
 from modules.payments.aggregate import Payment
 from modules.payments.gateway import PaymentProvider
 
 
-async def charge_order(event: OrderPlaced, uow: UnitOfWork, payment_gateway: PaymentProvider) -> None:
+async def charge_order(
+    event: OrderPlaced, uow: UnitOfWork, envelope: Envelope, payment_gateway: PaymentProvider
+) -> None:
     async with uow:
         payment = await uow.find(Payment, event.order_id) or Payment(event.order_id)
         if payment.settled:  # a redelivery after the charge was recorded
             return
         # The order id is the provider's idempotency key: a retried charge is not a second charge.
-        result = await payment_gateway.charge(event.order_id, event.payment_method, str(event.order_id))
+        result = await payment_gateway.charge(
+            event.order_id, event.payment_method, str(event.order_id), attempt=envelope.attempt
+        )
         if result.captured:
             payment.capture(event.payment_method, result.reference)
         else:
