@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, migrate, relay, sql, outbox, dlq."""
+"""The `switchboard` command: serve, migrate, relay, sql, services, outbox, dlq."""
 
 from __future__ import annotations
 
@@ -141,6 +141,24 @@ def _run(coro_fn, *args):
         return asyncio.run(main(url))
 
 
+def cmd_services(args: argparse.Namespace) -> int:
+    """Registered instances; those that missed STALE_AFTER_BEATS heartbeats (of this process's
+    SWITCHBOARD_HEARTBEAT, the interval the cluster is configured with) only with --all."""
+    from app.registry import STALE_AFTER_BEATS, list_services
+
+    stale = get_settings().heartbeat_seconds * STALE_AFTER_BEATS
+    services = _run(lambda db: list_services(db, stale, include_stale=args.all))
+    if args.json:
+        _print_json(services)
+        return 0
+    for row in services:
+        row["modules"] = ",".join(row["modules"])
+        row["heartbeat_age_seconds"] = f"{row['heartbeat_age_seconds']:.1f}"
+    columns = ["instance_id", "modules", "base_url", "version", "started_at", "heartbeat_age_seconds"]
+    _table(services, columns + (["live"] if args.all else []))
+    return 0
+
+
 def cmd_outbox_status(args: argparse.Namespace) -> int:
     from app import operations
 
@@ -252,6 +270,11 @@ def parser() -> argparse.ArgumentParser:
     sql = sub.add_parser("sql", help="open psql on the database in use")
     sql.add_argument("-c", "--command", help="run one SQL command and exit")
     sql.set_defaults(fn=cmd_sql)
+
+    services = sub.add_parser("services", help="list the registered serving instances")
+    services.add_argument("--all", action="store_true", help="also instances that missed their heartbeats")
+    services.add_argument("--json", action="store_true")
+    services.set_defaults(fn=cmd_services)
 
     outbox = sub.add_parser("outbox", help="inspect the outbox").add_subparsers(dest="outbox", required=True)
     status = outbox.add_parser("status", help="rows by subscriber and status, parked keys")

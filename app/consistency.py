@@ -12,7 +12,8 @@ from app.db import Database
 # Not "checkpoint >= position": with per-key parallel delivery a later event can be applied first.
 APPLIED_SQL = """
 SELECT EXISTS (SELECT 1 FROM inbox WHERE subscriber = $1 AND message_id = e.event_id)
-    OR NOT EXISTS (SELECT 1 FROM outbox WHERE subscriber = $1 AND message_id = e.event_id)
+    OR NOT EXISTS (SELECT 1 FROM outbox WHERE subscriber = $1 AND message_id = e.event_id
+                   AND status <> 'delivered')
 FROM events e WHERE e.position = $2
 """
 

@@ -10,8 +10,8 @@ from app.db import OUTBOX_CHANNEL, Database
 STATUS_SQL = """
 SELECT subscriber, status, count(*) AS rows, max(attempts) AS max_attempts,
        extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds,
-       extract(epoch FROM now() - min(available_at) FILTER (WHERE available_at <= now()))::float8
-           AS oldest_due_seconds
+       extract(epoch FROM now() - min(available_at)
+               FILTER (WHERE status = 'pending' AND available_at <= now()))::float8 AS oldest_due_seconds
 FROM outbox GROUP BY subscriber, status ORDER BY subscriber, status
 """
 
@@ -19,7 +19,7 @@ FROM outbox GROUP BY subscriber, status ORDER BY subscriber, status
 PARKED_SQL = """
 SELECT d.subscriber, d.partition_key, l.id AS dead_letter_id,
        (SELECT count(*) FROM outbox w WHERE w.subscriber = d.subscriber
-            AND w.partition_key = d.partition_key AND w.id > d.id) AS waiting
+            AND w.partition_key = d.partition_key AND w.id > d.id AND w.status <> 'delivered') AS waiting
 FROM outbox d JOIN dead_letters l ON l.outbox_id = d.id AND l.status = 'parked'
 WHERE d.status = 'dead' ORDER BY d.subscriber, d.partition_key
 """

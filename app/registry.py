@@ -41,6 +41,22 @@ WHERE $1 = ANY(modules) AND base_url IS NOT NULL AND instance_id <> $3
 ORDER BY instance_id
 """
 
+# What `switchboard services` and operators see: every row, with whether discovery still counts it.
+SERVICES_SQL = """
+SELECT instance_id, modules, base_url, version, started_at, heartbeat_at,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_seconds,
+       heartbeat_at >= now() - make_interval(secs => $1) AS live
+FROM services ORDER BY instance_id
+"""
+
+
+async def list_services(db: Database, stale_seconds: float, *, include_stale: bool = False) -> list[dict]:
+    """Registered instances. Without `include_stale`, only those discovery would still call: one
+    that missed `STALE_AFTER_BEATS` heartbeats is gone as soon as it is stale, not only once a live
+    instance's next heartbeat has pruned its row (up to one interval later)."""
+    rows = [dict(r) for r in await db.fetch(SERVICES_SQL, stale_seconds)]
+    return rows if include_stale else [r for r in rows if r["live"]]
+
 
 class Registry:
     def __init__(

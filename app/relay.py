@@ -45,7 +45,8 @@ WITH due AS (
     WHERE o.status = 'pending' AND o.available_at <= now() AND o.subscriber = ANY($1::text[])
       AND NOT EXISTS (
           SELECT 1 FROM outbox p
-          WHERE p.subscriber = o.subscriber AND p.partition_key = o.partition_key AND p.id < o.id)
+          WHERE p.subscriber = o.subscriber AND p.partition_key = o.partition_key AND p.id < o.id
+            AND p.status <> 'delivered')
     ORDER BY o.id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -75,7 +76,8 @@ WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
 # ack is not needed: the inbox makes the new holder acknowledge without running the handler).
 ACK_SQL = """
 WITH done AS (
-    DELETE FROM outbox WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+    UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
+    WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
     RETURNING subscriber, position
 ), checkpoint AS (
     INSERT INTO checkpoints (name, position)
@@ -125,6 +127,15 @@ WITH dead AS (
 SELECT id FROM letter
 """
 
+# Delivered rows stay visible (status 'delivered', delivered_at) for SWITCHBOARD_OUTBOX_RETENTION
+# seconds, then go in small batches; claims never look at them (partial indexes).
+PURGE_SQL = """
+DELETE FROM outbox WHERE id IN (
+    SELECT id FROM outbox WHERE status = 'delivered' AND delivered_at < now() - make_interval(secs => $1)
+    LIMIT 5000
+)
+"""
+
 INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
 APPLIED_SQL = "SELECT EXISTS (SELECT 1 FROM inbox WHERE subscriber = $1 AND message_id = $2)"
 
@@ -163,6 +174,7 @@ class Relay:
         self.poll_seconds = settings.relay_poll_seconds
         self.lease_seconds = settings.relay_lease_seconds
         self.handler_timeout = settings.relay_handler_timeout
+        self.retention_seconds = settings.outbox_retention_seconds
         self.concurrency = concurrency or max(2, system.db.max_size // 2)
         self.delivered = 0
         self._wake = asyncio.Event()
@@ -228,6 +240,7 @@ class Relay:
         if reclaim or now - self._last_reclaim > 1.0:
             self._last_reclaim = now
             await self.db.execute(RECLAIM_SQL)
+            await self.db.execute(PURGE_SQL, self.retention_seconds)
         if not self.subscribers:
             return 0
         rows = await self.db.fetch(

@@ -20,7 +20,7 @@ from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 
 from app import context
-from app.messages import CommandRejected, NotFound, SwitchboardError, Unavailable
+from app.messages import CommandRejected, SwitchboardError, Unavailable
 from app.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -64,12 +64,18 @@ class MessageCatalog:
             problem = {}
         detail = str(problem.get("detail") or problem.get("title") or f"remote answered {status}")
         error_type = self.errors.get(str(problem.get("code")))
-        if error_type is None:
-            error_type = {404: NotFound, 503: Unavailable}.get(status, CommandRejected if status < 500 else Unavailable)
-        error = error_type(detail)
-        if status >= 500 and not isinstance(error, Unavailable):
-            error = Unavailable(detail)
-        return error
+        if error_type is None or status >= 500:
+            # No module error named: the framework answered (401 wrong internal token, 404 unknown
+            # message type, 400 undecodable message: a misconfiguration or a version skew) or the
+            # remote failed. The message was not handled: never a business rejection (a 409 at the
+            # caller's edge would blame the client), always the remote module's unavailability.
+            return Unavailable(f"remote answered {status}: {detail}")
+        try:
+            return error_type(detail)
+        except TypeError:  # an error class with its own constructor (e.g. EarlierRejection)
+            error = CommandRejected(detail)
+            error.status_code = status  # type: ignore[misc]
+            return error
 
 
 class RemoteTransport:
@@ -106,7 +112,7 @@ class RemoteTransport:
             raise Unavailable(f"module {module!r} is remote and the transport is not started")
         endpoints = self.registry.rotation(await self.registry.endpoints(module))
         if not endpoints:
-            raise Unavailable(f"no live instance hosts module {module!r}")
+            raise _unavailable(module, f"no live instance hosts module {module!r}")
         name = self.catalog.names[type(message)]
         body = _encode(message)
         headers = {
@@ -122,6 +128,8 @@ class RemoteTransport:
                     if response.status == 200:
                         return self.catalog.decode_result(type(message), payload)
                     error = self.catalog.error_from(response.status, payload)
+                    if isinstance(error, Unavailable):
+                        error.module = module  # type: ignore[attr-defined]
                     if not (isinstance(error, Unavailable) and idempotent):
                         raise error
                     failure = f"{instance_id} answered {response.status}: {error.detail}"
@@ -135,7 +143,17 @@ class RemoteTransport:
                 if not idempotent:  # it may have run there: do not run it twice
                     break
             log.warning("remote call %s to %s failed: %s", name, instance_id, failure)
-        raise Unavailable(f"module {module!r} is unavailable: {failure}")
+        raise _unavailable(module, f"module {module!r} is unavailable: {failure}")
+
+
+def _unavailable(module: str, detail: str) -> Unavailable:
+    """Tagged with the remote module: the mediator counts it against that module's breaker only,
+    not against the breaker of the local module whose handler made the call (see
+    mediator._business_error). Untagged, a remote outage would also open e.g. orders' breaker and
+    fail orders' own local reads."""
+    error = Unavailable(detail)
+    error.module = module  # type: ignore[attr-defined]
+    return error
 
 
 def internal_endpoint(token: str, get_system):

@@ -41,6 +41,7 @@ class Settings:
     relay_poll_seconds: float = 0.5
     relay_lease_seconds: float = 30.0
     relay_handler_timeout: float = 10.0
+    outbox_retention_seconds: float = 3600.0  # delivered rows stay visible in `outbox` this long
     retry_base_seconds: float = 0.5
     retry_cap_seconds: float = 60.0
     retry_max_attempts: int = 8
@@ -66,6 +67,7 @@ class Settings:
             relay_batch_size=_int("SWITCHBOARD_RELAY_BATCH", 200),
             relay_poll_seconds=_float("SWITCHBOARD_RELAY_POLL", 0.5),
             relay_lease_seconds=_float("SWITCHBOARD_RELAY_LEASE", 30.0),
+            outbox_retention_seconds=_float("SWITCHBOARD_OUTBOX_RETENTION", 3600.0),
             retry_base_seconds=_float("SWITCHBOARD_RETRY_BASE", 0.5),
             retry_cap_seconds=_float("SWITCHBOARD_RETRY_CAP", 60.0),
             retry_max_attempts=_int("SWITCHBOARD_RETRY_MAX_ATTEMPTS", 8),

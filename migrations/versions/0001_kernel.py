@@ -38,7 +38,7 @@ def upgrade() -> None:
         payload         jsonb NOT NULL,
         headers         jsonb NOT NULL DEFAULT '{}',
         status          text NOT NULL DEFAULT 'pending'
-                        CHECK (status IN ('pending', 'inflight', 'blocked', 'dead')),
+                        CHECK (status IN ('pending', 'inflight', 'blocked', 'dead', 'delivered')),
         attempts        integer NOT NULL DEFAULT 0,
         available_at    timestamptz NOT NULL DEFAULT now(),
         locked_by       text,
@@ -47,10 +47,12 @@ def upgrade() -> None:
         first_failed_at timestamptz,
         blocked_by      bigint,                       -- dead_letters.id this row is parked behind
         created_at      timestamptz NOT NULL DEFAULT now(),
+        delivered_at    timestamptz,                  -- kept for the retention period, then purged
         CONSTRAINT outbox_subscriber_message UNIQUE (subscriber, message_id)
     ) WITH (autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 5000,
             autovacuum_vacuum_insert_scale_factor = 0.0, autovacuum_vacuum_insert_threshold = 5000);
-    CREATE INDEX outbox_key_order ON outbox (subscriber, partition_key, id);
+    CREATE INDEX outbox_key_order ON outbox (subscriber, partition_key, id) WHERE status <> 'delivered';
+    CREATE INDEX outbox_delivered ON outbox (delivered_at) WHERE status = 'delivered';
     CREATE INDEX outbox_due ON outbox (id) WHERE status = 'pending';
     CREATE INDEX outbox_leases ON outbox (locked_until) WHERE status = 'inflight';
 
