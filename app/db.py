@@ -7,7 +7,9 @@ statements; SQLAlchemy drives alembic's migrations. See docs/ARCHITECTURE.md for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 import warnings
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -81,14 +83,53 @@ async def ensure_database(admin_url: str, database: str) -> None:
         await conn.close()
 
 
-class Database:
-    """An asyncpg pool; `NOTIFY` on commit wakes relays through `OUTBOX_CHANNEL`."""
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Pool reset: asyncpg rolls back any open transaction itself; nothing here sets session state
+    (no SET, LISTEN, advisory locks or cursors on pooled connections), so skip its RESET ALL round
+    trip on every release."""
 
-    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 20) -> None:
+
+class Database:
+    """An asyncpg pool, and the wake-up of relays after outbox rows commit: callbacks in this
+    process at once, and one coalesced `NOTIFY` on `OUTBOX_CHANNEL` for relays in others."""
+
+    def __init__(self, url: str, *, min_size: int = 2, max_size: int = 20, notify_interval: float = 0.002) -> None:
         self.url = normalize_url(url)
         self.min_size = min_size
         self.max_size = max_size
+        self.notify_interval = notify_interval
         self.pool: asyncpg.Pool | None = None
+        self._listeners: list[Callable[[], object]] = []
+        self._dirty = False
+        self._notifier: asyncio.Task | None = None
+
+    def on_outbox_written(self, callback: Callable[[], object]) -> Callable[[], None]:
+        """Call `callback` after every commit that wrote outbox rows; returns the unsubscriber."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback) if callback in self._listeners else None
+
+    def outbox_written(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+        self._dirty = True
+        if self._notifier is None or self._notifier.done():
+            self._notifier = asyncio.get_running_loop().create_task(self._notify())
+
+    async def notified(self) -> None:
+        """Wait until the pending coalesced NOTIFY (if any) has been sent."""
+        if self._notifier is not None:
+            await asyncio.shield(self._notifier)
+
+    async def _notify(self) -> None:
+        # One NOTIFY (its own tiny transaction) per interval covers every commit before it; a
+        # commit landing while it is sent sets _dirty again and gets the next one.
+        while self._dirty:
+            await asyncio.sleep(self.notify_interval)
+            self._dirty = False
+            try:
+                await self.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("could not NOTIFY relays (they poll anyway): %s", error)
 
     async def connect(self) -> Database:
         self.pool = await asyncpg.create_pool(
@@ -96,11 +137,16 @@ class Database:
             min_size=self.min_size,
             max_size=self.max_size,
             command_timeout=30,
+            reset=_keep_session,
             server_settings={"application_name": "switchboard"},
         )
         return self
 
     async def close(self) -> None:
+        if self._notifier is not None:
+            self._notifier.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._notifier
         if self.pool is not None:
             await self.pool.close()
             self.pool = None

@@ -178,6 +178,7 @@ class Relay:
         self.concurrency = concurrency or max(2, system.db.max_size // 2)
         self.delivered = 0
         self._wake = asyncio.Event()
+        self._unsubscribe = system.db.on_outbox_written(self._wake.set)  # commits in this process
         self._stopping = False
         self._task: asyncio.Task | None = None
         self._listener: asyncpg.Connection | None = None
@@ -192,6 +193,7 @@ class Relay:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop claiming, finish the batch in hand (bounded by `grace`), release what is left."""
         self._stopping = True
+        self._unsubscribe()
         self._wake.set()
         if self._task is not None:
             try:

@@ -77,7 +77,9 @@ async def notifications(db: Database) -> AsyncIterator[asyncio.Queue[str]]:
 
 async def received_before_marker(db: Database, queue: asyncio.Queue[str]) -> list[str]:
     """Everything NOTIFYed so far: PostgreSQL delivers notifications in commit order, so once a
-    marker sent now arrives, every earlier committed notification has arrived before it."""
+    marker sent now arrives, every earlier committed notification has arrived before it. Relays
+    in other processes are woken by one coalesced NOTIFY sent just after commits: wait for it."""
+    await db.notified()
     await db.execute(f"NOTIFY {OUTBOX_CHANNEL}, 'marker'")
     seen = []
     while (payload := await asyncio.wait_for(queue.get(), WAIT)) != "marker":
@@ -428,3 +430,21 @@ async def test_a_rolled_back_unit_publishes_nothing(system, db, notifications):
             raise RuntimeError("rolled back")
 
     assert await received_before_marker(db, notifications) == []
+
+
+async def test_relays_in_this_process_are_woken_when_the_outermost_unit_commits(system, db):
+    woken: list[str] = []
+    unsubscribe = db.on_outbox_written(lambda: woken.append("woken"))
+    try:
+        uow = system.uow()
+        async with uow:
+            async with uow:
+                uow.add(Order.place(uuid.uuid4(), "cust-1", [("sku-1", 2)], "pm_card_ok"))
+                await uow.commit()
+            assert woken == []
+
+            await uow.commit()
+
+        assert woken == ["woken"]
+    finally:
+        unsubscribe()
