@@ -1,0 +1,532 @@
+"""`uv run python -m bench quick|all|smoke`: every benchmark of issue 5 in one command.
+
+Starts an embedded PostgreSQL in a temporary folder (or uses DATABASE_URL's server), gives each
+measurement a fresh migrated database on it, runs P1 (switchboard, then the baseline app — one at
+a time, so they never share the CPU), P2 (relay, then procrastinate) and the mediator
+micro-benchmark, stops everything, and prints one JSON line per measurement and a table.
+bench/README.md says what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from bench import env
+from bench.loadgen import raise_nofile, run
+from bench.p1 import P1Config, capacity
+
+TARGETS = {
+    "p1_connections": 10_000,
+    "p1_rate": 1000.0,
+    "p1_ratio": 0.8,
+    "relay_events_per_s": 20_000.0,
+    "relay_lag_p99_ms": 50.0,
+    "relay_vs_procrastinate": 10.0,
+    "mediator_overhead_us": 10.0,
+}
+LITTLE_IN_FLIGHT = 10_000
+LITTLE_P99_S = 0.2
+
+
+@dataclass
+class Profile:
+    name: str
+    p1: P1Config
+    relay_events: int
+    lag_rate: float
+    lag_duration: float
+    procrastinate_jobs: int
+    procrastinate_lag_duration: float
+    extra_procrastinate_lag_rates: list[float] = field(default_factory=list)
+    mediator_iterations: int = 20_000
+    mediator_runs: int = 5
+    p2_timeout: float = 60.0
+    notify_seconds: int = 5
+
+
+def profiles() -> dict[str, Profile]:
+    base = P1Config(
+        connections=2000,
+        rates=[250, 500, 1000, 1500],
+        duration=10,
+        warmup=2,
+        drain_timeout=5,
+        skus=1000,
+        stock_per_sku=1_000_000_000,
+        refine=True,
+        backlog=4096,
+        backpressure=20000,
+    )
+    return {
+        "quick": Profile(
+            "quick",
+            base,
+            relay_events=10_000,
+            lag_rate=1000,
+            lag_duration=5,
+            procrastinate_jobs=1500,
+            procrastinate_lag_duration=2,
+        ),
+        "all": Profile(
+            "all",
+            replace(
+                base,
+                connections=10_000,
+                rates=[250, 500, 750, 1000, 1250, 1500, 1750, 2000, 2500, 3000, 4000],
+                duration=20,
+                warmup=5,
+                drain_timeout=15,
+            ),
+            relay_events=100_000,
+            lag_rate=1000,
+            lag_duration=20,
+            procrastinate_jobs=10_000,
+            procrastinate_lag_duration=10,
+            extra_procrastinate_lag_rates=[250],
+            mediator_iterations=50_000,
+            mediator_runs=7,
+            p2_timeout=180,
+        ),
+        "smoke": Profile(
+            "smoke",
+            replace(
+                base, connections=20, rates=[20], duration=1, warmup=0, drain_timeout=5, skus=10, refine=False
+            ),
+            relay_events=300,
+            lag_rate=100,
+            lag_duration=1,
+            procrastinate_jobs=100,
+            procrastinate_lag_duration=1,
+            mediator_iterations=500,
+            mediator_runs=2,
+            p2_timeout=30,
+        ),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Output:
+    def __init__(self, path: Path | None) -> None:
+        self.records: list[dict] = []
+        self.path = path
+        self._file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "w")
+
+    def emit(self, record: dict) -> None:
+        self.records.append(record)
+        line = json.dumps(record, default=str)
+        print(line, flush=True)
+        if self._file:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
+def _check_baseline_subscribers() -> None:
+    """The baseline's hard-coded OrderPlaced subscribers must be switchboard's."""
+    from app.bootstrap import load_modules
+    from bench.baseline import ORDER_PLACED_SUBSCRIBERS
+    from modules.orders.events import OrderPlaced
+
+    names = sorted(s.name for m in load_modules() for s in m.subscriptions.get(OrderPlaced, ()))
+    if names != sorted(ORDER_PLACED_SUBSCRIBERS):
+        raise SystemExit(
+            f"bench/baseline.py ORDER_PLACED_SUBSCRIBERS {sorted(ORDER_PLACED_SUBSCRIBERS)} != switchboard's {names}: "
+            "update it so both apps write the same outbox rows"
+        )
+
+
+async def main_async(args: argparse.Namespace, profile: Profile, out: Output) -> dict:
+    started = time.monotonic()
+    nofile = raise_nofile(profile.p1.connections * 2 + 1024)
+    somax = env.raise_somaxconn(max(profile.p1.connections, 4096)) if "p1" in args.only else {}
+    backlog = min(max(profile.p1.connections, 4096), somax.get("somaxconn") or 4096)
+    profile.p1.backlog = backlog
+    data_dir, ours = env.new_data_dir(args.data_dir)
+    external = os.environ.get("DATABASE_URL")
+    server = env.DatabaseServer(data_dir / "pg", external)
+    overrides = {k: v for k, v in os.environ.items() if k.startswith(("SWITCHBOARD_", "BENCH_"))}
+    try:
+        out.emit(
+            {
+                "measurement": "setup",
+                "profile": profile.name,
+                "machine": env.machine(),
+                "postgres": await server.settings(),
+                "database": "external (DATABASE_URL)" if external else "embedded, temporary",
+                **nofile,
+                **somax,
+                "backlog": backlog,
+                "backpressure": profile.p1.backpressure,
+                "workers": profile.p1.workers,
+                "switchboard_env_overrides": overrides,
+                "p1": asdict(profile.p1),
+            }
+        )
+        summary: dict = {"measurement": "summary", "profile": profile.name}
+        if "loadgen" in args.only:
+            from bench.p1 import loadgen_check
+
+            check = await loadgen_check(
+                max(profile.p1.connections, 10_000), 1000, 5, free_port(), data_dir / "logs"
+            )
+            out.emit(check)
+            summary["loadgen_cpu_at_1000rps"] = check["loadgen_cpu"]
+            summary["loadgen_check_connections"] = check["connections_open"]
+        if "p1" in args.only:
+            from bench import p1
+
+            _check_baseline_subscribers()
+            results = {}
+            for target in args.targets:
+                records = await p1.run_target(
+                    target, server, profile.p1, free_port(), out.emit, data_dir / "logs"
+                )
+                results[target] = records
+                key = target.replace("-", "_")
+                summary[f"{key}_capacity_rps"] = capacity(records)["capacity_rps"]
+                summary[f"{key}_capacity_is_lower_bound"] = capacity(records)["capacity_is_lower_bound"]
+            base_cap = summary.get("baseline_capacity_rps")
+            if "switchboard_capacity_rps" in summary and base_cap is not None:
+                summary["capacity_ratio"] = (
+                    round(summary["switchboard_capacity_rps"] / base_cap, 3) if base_cap else None
+                )
+            summary["p1_connections"] = profile.p1.connections
+        if "p2" in args.only:
+            from bench import p2
+
+            url = await server.fresh("bench_p2")
+            relay = await p2.relay_throughput(url, profile.relay_events, profile.p2_timeout)
+            out.emit(relay)
+            lag = await p2.relay_lag(url, profile.lag_rate, profile.lag_duration, profile.p2_timeout)
+            out.emit(lag)
+            summary["relay_events_per_s"] = relay["events_per_s"]
+            summary["relay_lag_rate"] = profile.lag_rate
+            summary["relay_lag_p50_ms"] = lag["lag_from_commit_p50_ms"]
+            summary["relay_lag_p99_ms"] = lag["lag_from_commit_p99_ms"]
+            try:
+                import procrastinate  # noqa: F401
+            except ImportError:
+                out.emit(
+                    {
+                        "measurement": "p2_procrastinate",
+                        "skipped": "procrastinate is not installed: "
+                        "uv sync --group bench (or uv pip install procrastinate==3.10.0)",
+                    }
+                )
+            else:
+                pt = await p2.procrastinate_throughput(url, profile.procrastinate_jobs, profile.p2_timeout)
+                out.emit(pt)
+                pl = await p2.procrastinate_lag(
+                    url, profile.lag_rate, profile.procrastinate_lag_duration, profile.p2_timeout
+                )
+                out.emit(pl)
+                for rate in profile.extra_procrastinate_lag_rates:
+                    out.emit(
+                        await p2.procrastinate_lag(
+                            url, rate, profile.procrastinate_lag_duration, profile.p2_timeout
+                        )
+                    )
+                summary["procrastinate_jobs_per_s"] = pt["jobs_per_s"]
+                summary["procrastinate_lag_p50_ms"] = pl["lag_from_commit_p50_ms"]
+                summary["procrastinate_lag_p99_ms"] = pl["lag_from_commit_p99_ms"]
+                if pt["jobs_per_s"]:
+                    summary["relay_vs_procrastinate"] = round(relay["events_per_s"] / pt["jobs_per_s"], 2)
+        if "notify" in args.only:
+            from bench.notify_cost import measure as notify_measure
+
+            out.emit(
+                await notify_measure(await server.fresh("bench_notify"), [8, 32], profile.notify_seconds)
+            )
+        if "mediator" in args.only:
+            from bench.mediator_cost import measure
+
+            cost = await measure(profile.mediator_iterations, profile.mediator_runs)
+            out.emit(cost)
+            summary["mediator_us"] = cost["mediator_us"]
+            summary["direct_call_us"] = cost["direct_us"]
+            summary["mediator_overhead_us"] = cost["overhead_us"]
+        summary["targets"] = judge(summary)
+        summary["little"] = little(summary)
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        out.emit(summary)
+        return summary
+    finally:
+        await server.close()
+        env.restore_somaxconn(somax)
+        if ours and not args.keep:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        elif args.keep or not ours:
+            print(f"bench data (logs, database) kept in {data_dir}", file=sys.stderr)
+
+
+def judge(s: dict) -> dict:
+    """Each issue-5 target: met, not met (with the number), or not measured."""
+    t: dict = {}
+
+    def verdict(ok: bool | None, measured, target: str) -> dict:
+        return {"met": ok, "measured": measured, "target": target}
+
+    if "switchboard_capacity_rps" in s:
+        cap = s["switchboard_capacity_rps"]
+        note = (
+            ""
+            if s.get("p1_connections", 0) >= TARGETS["p1_connections"]
+            else f" (measured with {s.get('p1_connections')} connections, not 10,000: indicative only)"
+        )
+        t["p1_rate"] = verdict(
+            cap >= TARGETS["p1_rate"], cap, f">= 1000 req/s at p99 < 200 ms, 0 errors{note}"
+        )
+        ratio = s.get("capacity_ratio")
+        t["p1_ratio"] = verdict(
+            None if ratio is None else ratio >= TARGETS["p1_ratio"], ratio, ">= 0.8x baseline"
+        )
+    if "relay_events_per_s" in s:
+        t["relay_throughput"] = verdict(
+            s["relay_events_per_s"] >= TARGETS["relay_events_per_s"],
+            s["relay_events_per_s"],
+            ">= 20,000 events/s, inbox on",
+        )
+        p99 = s.get("relay_lag_p99_ms")
+        at = s.get("relay_lag_rate", 0)
+        t["relay_lag"] = verdict(
+            None if p99 is None or at < 1000 else p99 < TARGETS["relay_lag_p99_ms"],
+            p99,
+            f"p99 < 50 ms at 1,000 events/s (measured at {at:g}/s)",
+        )
+    if "relay_vs_procrastinate" in s:
+        t["relay_vs_procrastinate"] = verdict(
+            s["relay_vs_procrastinate"] >= TARGETS["relay_vs_procrastinate"],
+            s["relay_vs_procrastinate"],
+            ">= 10x procrastinate's jobs/s",
+        )
+    if "mediator_overhead_us" in s:
+        t["mediator"] = verdict(
+            s["mediator_overhead_us"] <= TARGETS["mediator_overhead_us"],
+            s["mediator_overhead_us"],
+            "<= 10 us per send() over a direct call",
+        )
+    return t
+
+
+def little(s: dict) -> dict | None:
+    """Little's law for the seed's literal reading: L = 10,000 in flight, W <= 0.2 s."""
+    cap = s.get("switchboard_capacity_rps")
+    if not cap:
+        return None
+    needed = LITTLE_IN_FLIGHT / LITTLE_P99_S
+    return {
+        "in_flight": LITTLE_IN_FLIGHT,
+        "latency_s": LITTLE_P99_S,
+        "needed_rps": needed,
+        "per_replica_rps": cap,
+        "replicas": math.ceil(needed / cap),
+    }
+
+
+def table(records: list[dict]) -> str:
+    lines: list[str] = []
+    setup = next((r for r in records if r["measurement"] == "setup"), {})
+    p1 = [r for r in records if r["measurement"] == "p1"]
+    if p1:
+        conns = setup.get("p1", {}).get("connections")
+        lines.append(
+            f"P1  POST /orders, {conns} keep-alive connections, open loop; pass = p99 < 200 ms, 0 errors, 0 non-2xx"
+        )
+        head = (
+            "target",
+            "rate",
+            "done",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "err",
+            "non2xx",
+            "cpu srv",
+            "cpu pg",
+            "cpu gen",
+            "cpu box",
+            "tx/req",
+            "outbox",
+            "pass",
+        )
+        rows = [head]
+        for r in p1:
+            rows.append(
+                (
+                    r["target"],
+                    f"{r['rate']:g}",
+                    str(r["completed"]),
+                    _f(r["p50_ms"]),
+                    _f(r["p90_ms"]),
+                    _f(r["p99_ms"]),
+                    _f(r["max_ms"]),
+                    str(r["errors"]),
+                    str(r["non_2xx"]),
+                    _f(r.get("cpu_server")),
+                    _f(r.get("cpu_postgres")),
+                    _f(r["loadgen_cpu"]),
+                    _f(r.get("cpu_machine")),
+                    _f(r.get("db_commits_per_request")),
+                    str(r.get("outbox_pending_after", "")) if r["target"] == "switchboard" else "-",
+                    "yes" if r["passed"] else "NO",
+                )
+            )
+        lines += _grid(rows)
+        lines.append("")
+    for r in records:
+        m = r["measurement"]
+        if m == "p2_relay_throughput":
+            lines.append(
+                f"P2  relay: {r['delivered']}/{r['events']} events in {r['seconds']} s = {r['events_per_s']:g} events/s"
+                f" (inbox on, batch {r['batch_size']}, {r['concurrency']} at once, cpu {r['cpu_bench_process']})"
+            )
+        elif m == "p2_relay_lag":
+            lines.append(
+                f"P2  relay lag at {r['rate']:g} events/s x {r['duration']:g} s: commit->handler p50 "
+                f"{_f(r['lag_from_commit_p50_ms'])} ms, p99 {_f(r['lag_from_commit_p99_ms'])} ms, max "
+                f"{_f(r['lag_from_commit_max_ms'])} ms; send->handler p99 {_f(r['lag_from_send_p99_ms'])} ms;"
+                f" append p99 {_f(r['enqueue_p99_ms'])} ms"
+            )
+        elif m == "p2_procrastinate_throughput":
+            lines.append(
+                f"P2  procrastinate: {r['succeeded']}/{r['jobs']} jobs in {r['seconds']} s = {r['jobs_per_s']:g} jobs/s"
+                f" (concurrency {r['concurrency']}, cpu {r['cpu_bench_process']})"
+            )
+        elif m == "p2_procrastinate_lag":
+            lines.append(
+                f"P2  procrastinate lag at {r['rate']:g} jobs/s x {r['duration']:g} s: defer->start p50 "
+                f"{_f(r['lag_from_commit_p50_ms'])} ms, p99 {_f(r['lag_from_commit_p99_ms'])} ms, max "
+                f"{_f(r['lag_from_commit_max_ms'])} ms ({r['delivered']}/{r['jobs']} ran)"
+            )
+        elif m == "loadgen_check":
+            lines.append(
+                f"Load generator alone (bare ASGI app): {r['connections_open']} connections, {r['rate']:g} req/s,"
+                f" cpu {r['loadgen_cpu']} core, p99 {_f(r['p99_ms'])} ms, errors {r['errors']}"
+            )
+        elif m == "notify_cost" and "skipped" not in r:
+            cells = ", ".join(
+                f"{c} clients {r[f'insert_tps_c{c}']} -> {r[f'insert_notify_tps_c{c}']}"
+                for c in (8, 32)
+                if f"insert_tps_c{c}" in r
+            )
+            lines.append(f"NOTIFY cost (pgbench, one-row insert tx/s without -> with pg_notify): {cells}")
+        elif m == "mediator_cost":
+            lines.append(
+                f"Mediator: send() {r['mediator_us']} us/call, direct call {r['direct_us']} us, overhead "
+                f"{r['overhead_us']} us (alone: asyncio.timeout {r['only_timeout_us']}, aiobreaker "
+                f"{r['only_breaker_us']}, prometheus {r['only_metrics_us']}, inject {r['injected_us']} us)"
+            )
+    summary = next((r for r in records if r["measurement"] == "summary"), None)
+    if summary:
+        lines.append("")
+        caps = []
+        for name in ("switchboard", "baseline", "switchboard_norelay"):
+            if f"{name}_capacity_rps" in summary:
+                v = summary[f"{name}_capacity_rps"]
+                if v:
+                    bound = ">= " if summary[f"{name}_capacity_is_lower_bound"] else ""
+                    caps.append(f"{name} {bound}{v:g} req/s")
+                else:
+                    tried = [r["rate"] for r in p1 if r["target"].replace("-", "_") == name]
+                    caps.append(f"{name} < {min(tried, default=0):g} req/s (no rate passed)")
+        if caps:
+            lines.append("capacity: " + ", ".join(caps) + f", ratio {summary.get('capacity_ratio', '-')}")
+        if summary.get("little"):
+            lt = summary["little"]
+            lines.append(
+                f"Little's law: {lt['in_flight']} in flight / {lt['latency_s']} s = {lt['needed_rps']:g} req/s"
+                f" -> {lt['replicas']} replicas at {lt['per_replica_rps']:g} req/s each"
+            )
+        for name, v in summary.get("targets", {}).items():
+            state = "met" if v["met"] else ("NOT met" if v["met"] is False else "n/a")
+            lines.append(f"target {name}: {state} (measured {v['measured']}; target {v['target']})")
+        lines.append(f"total {summary['seconds']} s")
+    return "\n".join(lines)
+
+
+def _f(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}"
+    return str(v)
+
+
+def _grid(rows: list[tuple]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("profile", choices=["quick", "all", "smoke"])
+    p.add_argument(
+        "--only",
+        help="comma-separated: loadgen, p1, p2, notify, mediator (quick: p1,p2,mediator; all: all five)",
+    )
+    p.add_argument("--connections", type=int, help="P1 keep-alive connections")
+    p.add_argument("--rates", type=float, nargs="+", help="P1 rates (req/s)")
+    p.add_argument("--duration", type=float, help="P1 seconds per rate")
+    p.add_argument("--skus", type=int, help="SKUs the orders spread over")
+    p.add_argument("--targets", default="switchboard,baseline", help="P1 servers, in order (comma-separated)")
+    p.add_argument(
+        "--profile",
+        dest="pyspy",
+        action="store_true",
+        help="py-spy the server during each P1 step (bench/results/)",
+    )
+    p.add_argument("--data-dir", help="keep the database and server logs here (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="do not delete the temporary folder")
+    p.add_argument("--out", help="JSON lines file (default: bench/results/<profile>-<time>.jsonl)")
+    args = p.parse_args(argv)
+    if args.only is None:
+        args.only = "loadgen,p1,p2,notify,mediator" if args.profile == "all" else "p1,p2,mediator"
+    args.only = {x.strip() for x in args.only.split(",") if x.strip()}
+    args.targets = [x.strip() for x in args.targets.split(",") if x.strip()]
+    if set(args.targets) - {"switchboard", "baseline", "switchboard-norelay"}:
+        p.error("--targets: switchboard, baseline, switchboard-norelay (diagnosis: no relay in the process)")
+    profile = profiles()[args.profile]
+    for name in ("connections", "rates", "duration", "skus"):
+        if getattr(args, name) is not None:
+            setattr(profile.p1, name, getattr(args, name))
+    profile.p1.profile = args.pyspy
+    out_path = (
+        Path(args.out) if args.out else env.RESULTS / f"{profile.name}-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+    )
+    out = Output(out_path)
+    try:
+        run(main_async(args, profile, out))
+    finally:
+        out.close()
+    print()
+    print(table(out.records))
+    print(f"\n(JSON lines saved to {out_path})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""P1: `POST /orders` at stepped open-loop rates, switchboard (full flow: mediator, inventory
+reservation, OrderPlaced + outbox, relay and async handlers running in the same process) and the
+baseline (bench/baseline.py), one after the other on the same machine, each on a fresh database
+seeded the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from bench import env
+from bench.loadgen import LoadGenerator, StepResult
+
+P99_LIMIT_MS = 200.0
+
+
+@dataclass
+class P1Config:
+    connections: int
+    rates: list[float]
+    duration: float
+    warmup: float
+    drain_timeout: float
+    skus: int
+    stock_per_sku: int
+    refine: bool  # after the first failure, one more step halfway down
+    backlog: int
+    backpressure: int
+    workers: int = 1
+    profile: bool = False  # py-spy the server during every measured step
+
+
+def passed(result: StepResult) -> bool:
+    return (
+        result.errors == 0
+        and result.non_2xx == 0
+        and result.completed == result.scheduled
+        and result.p99_ms < P99_LIMIT_MS
+    )
+
+
+def order_requests(host: str, skus: list[str], seed: int = 1) -> Callable[[], bytes]:
+    """One POST /orders per call: a random SKU (uniform over all of them), quantity 1, a card
+    that captures (so payments, inventory and notifications all react)."""
+    rnd = random.Random(seed)
+    counter = itertools.count()
+    head = f"POST /orders HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {{}}\r\n\r\n"
+    pick = rnd.randrange
+    n = len(skus)
+
+    def make() -> bytes:
+        body = (
+            f'{{"customer_id":"c-{next(counter)}","items":[{{"sku":"{skus[pick(n)]}","quantity":1}}],'
+            '"payment_method":"pm_card_ok"}'
+        ).encode()
+        return head.format(len(body)).encode() + body
+
+    return make
+
+
+DB_STATS_SQL = """
+SELECT xact_commit, xact_rollback, (SELECT count(*) FROM outbox WHERE status = 'pending') AS outbox_pending,
+       (SELECT count(*) FROM outbox WHERE status <> 'delivered') AS outbox_rows
+FROM pg_stat_database WHERE datname = current_database()
+"""
+
+
+async def _db_stats(conn: asyncpg.Connection) -> dict:
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    row = await conn.fetchrow(DB_STATS_SQL)
+    return dict(row)
+
+
+async def run_target(
+    target: str,
+    server: env.DatabaseServer,
+    config: P1Config,
+    port: int,
+    emit: Callable[[dict], None],
+    log_dir,
+) -> list[dict]:
+    """Start one server, hold the connections, run the ladder, stop it. Returns the step records."""
+    url = await server.fresh(f"bench_p1_{target.replace('-', '_')}")
+    skus = env.sku_names(config.skus)
+    await env.seed_stock(url, skus, config.stock_per_sku)
+    serve_args = [
+        "--port",
+        str(port),
+        "--workers",
+        str(config.workers),
+        "--backlog",
+        str(config.backlog),
+        "--backpressure",
+        str(config.backpressure),
+    ]
+    if target == "switchboard":
+        command = env.switchboard_command() + ["serve", "--no-migrate", *serve_args]
+    elif target == "baseline":
+        command = [sys.executable, "-m", "bench.baseline", *serve_args]
+    else:  # "switchboard-norelay": diagnosis only (bench/serve.py)
+        command = [sys.executable, "-m", "bench.serve", "bench.serve:switchboard_without_relay", *serve_args]
+    proc = env.ServerProcess(target, command, env.server_env(url), log_dir / f"{target}.log")
+    base = f"http://127.0.0.1:{port}"
+    records: list[dict] = []
+    proc.start()
+    stats_conn = None
+    gen = None
+    try:
+        await proc.wait_ready(base + "/health/ready")
+        if target.startswith("switchboard"):  # the seeded stock reads back through the app
+            level = await asyncio.to_thread(env.get_json, f"{base}/inventory/items/{skus[0]}")
+            assert level["available"] == config.stock_per_sku, level
+        stats_conn = await asyncpg.connect(url)
+        gen = LoadGenerator(
+            base + "/orders", order_requests(f"127.0.0.1:{port}", skus), connections=config.connections
+        )
+        opened = await gen.connect()
+        emit({"measurement": "p1_connect", "target": target, "server_pid": proc.pid, **opened})
+        if opened["connections_open"] < config.connections:
+            print(
+                f"warning: {target}: only {opened['connections_open']} of {config.connections} connections opened",
+                file=sys.stderr,
+            )
+        meter = env.CpuMeter({"server": proc.pid, "postgres": server.postmaster_pid})
+        if config.warmup > 0:
+            warm = await gen.run_step(config.rates[0], config.warmup, drain_timeout=config.drain_timeout)
+            emit({"measurement": "p1_warmup", "target": target, **_brief(warm)})
+        plan = sorted(config.rates)
+        tested: list[tuple[float, bool]] = []
+        refined = False
+        cooldown = 0.0
+        while plan:
+            rate = plan.pop(0)
+            if len(gen.live()) < config.connections:  # keep the count: reopen what was lost
+                emit({"measurement": "p1_reconnect", "target": target, **await gen.connect()})
+            before = await _db_stats(stats_conn)
+            spy = (
+                await _start_profile(
+                    proc.pid,
+                    config.duration,
+                    env.RESULTS / f"profile-{target}-{rate:g}-{time.strftime('%H%M%S')}.txt",
+                )
+                if config.profile
+                else None
+            )
+            waits = asyncio.create_task(_sample_waits(url))
+            meter.start()
+            result = await gen.run_step(rate, config.duration, drain_timeout=config.drain_timeout)
+            cpu = meter.stop()
+            waits.cancel()
+            db_waits = await waits
+            after = await _db_stats(stats_conn)
+            if spy is not None:
+                emit(
+                    {
+                        "measurement": "p1_profile",
+                        "target": target,
+                        "rate": rate,
+                        **await _finish_profile(*spy),
+                    }
+                )
+            ok = passed(result)
+            record = {
+                "measurement": "p1",
+                "target": target,
+                **result.as_dict(),
+                **cpu,
+                "db_commits_per_s": round(
+                    (after["xact_commit"] - before["xact_commit"]) / result.wall_seconds, 1
+                ),
+                "db_commits_per_request": round(
+                    (after["xact_commit"] - before["xact_commit"]) / max(result.completed, 1), 2
+                ),
+                "outbox_pending_before": before["outbox_pending"],
+                "outbox_pending_after": after["outbox_pending"],
+                "db_active_sessions": db_waits,
+                "cooldown_before_s": round(cooldown, 1),
+                "refinement": refined and not plan and rate not in config.rates,
+                "passed": ok,
+            }
+            emit(record)
+            records.append(record)
+            tested.append((rate, ok))
+            cooldown = 0.0
+            if ok:
+                await asyncio.sleep(1.0)
+                continue
+            # The first failure ends the ladder, after at most one step between the highest
+            # passing rate (or 0) and this one, once the server has gone quiet again.
+            if config.refine and not refined:
+                low = max((r for r, good in tested if good), default=0.0)
+                mid = round((low + rate) / 2 / 25) * 25
+                if low < mid < rate:
+                    refined = True
+                    cooldown = await _quiet(proc.pid, limit=config.drain_timeout * 2)
+                    plan = [mid]
+                    continue
+            break
+    finally:
+        if gen is not None:
+            gen.close()
+        if stats_conn is not None:
+            await stats_conn.close()
+        await asyncio.sleep(0.2)
+        code = await asyncio.to_thread(proc.stop)
+        if code not in (0, None, -15):
+            print(f"{target} exited with {code}; log tail:\n{proc.tail()}", file=sys.stderr)
+    return records
+
+
+def capacity(records: list[dict]) -> dict:
+    """Highest passing rate such that every lower rate tested passed too."""
+    best = 0.0
+    lower_bound = False
+    for r in sorted(records, key=lambda r: r["rate"]):
+        if not r["passed"]:
+            break
+        best = r["rate"]
+    top = max((r["rate"] for r in records), default=0.0)
+    if records and best == top:
+        lower_bound = True  # the ladder never found the limit
+    return {"capacity_rps": best, "capacity_is_lower_bound": lower_bound}
+
+
+def _brief(result: StepResult) -> dict:
+    d = result.as_dict()
+    keep = ("rate", "duration", "scheduled", "completed", "errors", "non_2xx", "p50_ms", "p99_ms", "max_ms")
+    return {k: d[k] for k in keep}
+
+
+WAITS_SQL = """
+SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU') AS what, state, count(*) AS n
+FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND state NOT IN ('idle')
+  AND backend_type = 'client backend' AND coalesce(wait_event, '') <> 'ClientRead'
+GROUP BY 1, 2
+"""
+
+
+async def _sample_waits(url: str, every: float = 0.05) -> dict:
+    """Average active sessions of the database by what they wait on (CPU = running or runnable),
+    sampled from pg_stat_activity every 50 ms: where the database's time goes during a step."""
+    conn = await asyncpg.connect(url)
+    totals: dict[str, int] = {}
+    samples = 0
+    try:
+        while True:
+            for row in await conn.fetch(WAITS_SQL):
+                key = row["what"] if row["state"] == "active" else f"{row['state']}:{row['what']}"
+                totals[key] = totals.get(key, 0) + row["n"]
+            samples += 1
+            await asyncio.sleep(every)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await conn.close()
+    top = sorted(totals.items(), key=lambda kv: -kv[1])[:8]
+    return {k: round(v / max(samples, 1), 2) for k, v in top}
+
+
+async def _quiet(pid: int, limit: float, below: float = 0.15) -> float:
+    """Wait until the server tree uses < `below` cores over half a second (the queue left by
+    an overloaded step is drained, the relay caught up), at most `limit` s. Returns the wait."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit:
+        a = env.tree_cpu({"s": pid}).get("s", 0.0)
+        await asyncio.sleep(0.5)
+        if env.tree_cpu({"s": pid}).get("s", 0.0) - a < below * 0.5:
+            break
+    return time.perf_counter() - started
+
+
+def _py_spy(path) -> str | None:
+    import shutil
+    from pathlib import Path
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return spy
+
+
+async def _start_profile(pid: int, duration: float, path):
+    """py-spy (sampling, non-blocking) on the server's worker for one step."""
+    spy = _py_spy(path)
+    if spy is None:
+        return None
+    workers = _children(pid) or [pid]  # granian's workers: the main process only supervises
+    process = await asyncio.create_subprocess_exec(
+        spy,
+        "record",
+        "--pid",
+        str(workers[0]),
+        "--nonblocking",
+        "--rate",
+        "200",
+        "--duration",
+        str(max(1, int(duration))),
+        "--format",
+        "raw",
+        "-o",
+        str(path),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return process, path
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    try:
+        return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    except OSError:
+        return []
+
+
+async def _finish_profile(process, path, top: int = 25) -> dict:
+    _, err = await process.communicate()
+    if process.returncode != 0:
+        return {"profile_error": err.decode(errors="replace")[-500:]}
+    return {"profile_file": str(path), **summarize_profile(path, top)}
+
+
+def _trunk(frame: str) -> bool:
+    return (
+        frame.startswith(("process ", "<module> ", "_run_module_as_main", "_run_code", "main (", "serve ("))
+        or "granian/server/" in frame
+        or "multiprocessing/" in frame
+        or "cmd_serve" in frame
+    )
+
+
+def summarize_profile(path, top: int = 25) -> dict:
+    """Collapsed stacks → share of samples per function: self (on top of the stack) and
+    inclusive (anywhere in it). Idle samples (the event loop waiting) are counted apart."""
+    import re
+    from collections import Counter
+
+    strip = re.compile(r":\d+\)$")
+    self_, incl = Counter(), Counter()
+    total = idle = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack:
+                continue
+            n = int(count)
+            frames = [strip.sub(")", fr) for fr in stack.split(";")]
+            total += n
+            leaf = frames[-1]
+            if "run_forever" in leaf or "select (selectors" in leaf or "poll (" in leaf:
+                idle += n
+            self_[leaf] += n
+            for fr in set(frames):
+                incl[fr] += n
+
+    def share(counter):
+        # the trunk (process, runpy, multiprocessing, granian's worker bootstrap) says nothing
+        return [[k, round(100 * v / total, 1)] for k, v in counter.most_common() if not _trunk(k)][:top]
+
+    return {
+        "samples": total,
+        "idle_pct": round(100 * idle / total, 1) if total else None,
+        "top_self_pct": share(self_),
+        "top_inclusive_pct": share(incl),
+    }
+
+
+async def loadgen_check(connections: int, rate: float, duration: float, port: int, log_dir) -> dict:
+    """The generator against a bare ASGI app under granian: its own CPU at `rate` while holding
+    `connections` (issue 5 asks for <= 0.3 core at 1,000 req/s with 10,000 connections)."""
+    command = [
+        sys.executable,
+        "-m",
+        "bench.serve",
+        "bench.serve:noop_app",
+        "--port",
+        str(port),
+        "--backlog",
+        "4096",
+        "--backpressure",
+        str(max(20000, connections * 2)),
+    ]
+    proc = env.ServerProcess("noop", command, env.server_env(""), log_dir / "noop.log")
+    proc.start()
+    gen = None
+    try:
+        base = f"http://127.0.0.1:{port}/"
+        await proc.wait_ready(base)
+        gen = LoadGenerator(base, connections=connections)
+        opened = await gen.connect()
+        result = await gen.run_step(rate, duration, drain_timeout=5)
+        return {"measurement": "loadgen_check", **opened, **result.as_dict()}
+    finally:
+        if gen is not None:
+            gen.close()
+        await asyncio.to_thread(proc.stop)

@@ -1,0 +1,40 @@
+"""Smoke test of the bench harness on a tiny load (about 20 s), so it cannot rot.
+
+Not collected by the default `uv run pytest` (testpaths = ["tests"]): run it with
+`uv run pytest bench/test_bench_smoke.py`, or collect it from tests/ with a one-line module
+`from bench.test_bench_smoke import test_bench_smoke  # noqa: F401`.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "smoke.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "data")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    kinds = {r["measurement"] for r in records}
+    assert {"setup", "p1", "p2_relay_throughput", "p2_relay_lag", "mediator_cost", "summary"} <= kinds
+    for step in (r for r in records if r["measurement"] == "p1"):
+        # every request answered, none failed: the generator, both servers and the database work
+        assert step["completed"] == step["scheduled"] and step["errors"] == 0 and step["non_2xx"] == 0, step
+    relay = next(r for r in records if r["measurement"] == "p2_relay_throughput")
+    assert relay["finished"] and relay["inbox_rows"] == relay["events"] and relay["outbox_left"] == 0
+    lag = next(r for r in records if r["measurement"] == "p2_relay_lag")
+    assert lag["finished"] and lag["delivered"] == lag["events"]
+    summary = records[-1]
+    assert summary["measurement"] == "summary" and summary["mediator_us"] > summary["direct_call_us"]
+    assert "capacity:" in done.stdout and "target relay_throughput" in done.stdout
