@@ -28,6 +28,7 @@ from app.bootstrap import System
 from app.db import OUTBOX_CHANNEL
 from app.mediator import Envelope
 from app.messages import ConcurrencyError, PermanentError
+from app.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +137,9 @@ DELETE FROM outbox WHERE id IN (
 )
 """
 
+# In the delivery's savepoint: a row comes back if the message is new to this subscriber; a
+# failed delivery rolls its inbox row back with its effects.
 INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
-APPLIED_SQL = "SELECT EXISTS (SELECT 1 FROM inbox WHERE subscriber = $1 AND message_id = $2)"
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> float:
@@ -255,11 +257,11 @@ class Relay:
         try:
             limit = asyncio.Semaphore(self.concurrency)
 
-            async def bounded(row):
+            async def bounded(group):
                 async with limit:
-                    return await self._deliver(row)
+                    return await self._deliver_group(group)
 
-            outcomes = await asyncio.gather(*(bounded(r) for r in rows))
+            outcomes = [o for group in await asyncio.gather(*map(bounded, _groups(rows))) for o in group]
             await self._settle(outcomes)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -278,55 +280,88 @@ class Relay:
                 # keep trying: a keeper that died here would let the lease lapse mid-batch
                 log.warning("relay %s: could not extend leases: %s", self.instance_id, error)
 
-    async def _deliver(self, row) -> Outcome:
-        bound = self.system.subscriptions.get(row["subscriber"])
+    async def _deliver_group(self, rows: list) -> list[Outcome]:
+        """Deliver rows on one connection, several to a transaction: each delivery (its inbox row
+        and its handler) in a savepoint of its own, so a failure undoes only that one; the
+        acknowledgements in the same transaction; one COMMIT (one WAL flush) for the lot. A
+        delivery that appended events commits at once, so stream appends (which other writers,
+        e.g. POST /orders reserving stock, may wait on) are never held across other deliveries."""
         started = time.perf_counter()
+        outcomes: list[Outcome] = []
+        durable = 0  # outcomes[:durable] are committed
+        uow = self.system.uow()
         try:
-            if bound is None or bound.handler is None:
-                raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
-            max_attempts = bound.subscription.max_attempts or self.system.settings.retry_max_attempts
-            if row["attempts"] > max_attempts:
-                if await self.db.fetchval(APPLIED_SQL, row["subscriber"], row["message_id"]):
-                    # its relays died after committing, before acknowledging: nothing left to do
-                    return Outcome(row, None, time.perf_counter() - started)
-                raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
-            event = self.system.catalog.decode(row["type"], row["payload"])
-            headers = _decode_headers(row["headers"])
-            context.correlation_id.set(headers.get("correlation_id"))
-            context.causation_id.set(str(row["message_id"]))
-            envelope = Envelope(
-                message_id=row["message_id"],
-                position=row["position"],
-                subscriber=row["subscriber"],
-                attempt=row["attempts"],
-                headers=headers,
-            )
+            async with uow:
+                conn = await uow.transaction()
+                done: list[int] = []
+                for i, row in enumerate(rows):
+                    outcome, appended = await self._deliver(uow, conn, row)
+                    outcomes.append(outcome)
+                    if outcome.error is None:
+                        done.append(row["id"])
+                    if appended or i == len(rows) - 1:
+                        acknowledged = await self._acknowledge(conn, done)
+                        await uow.commit()
+                        self.delivered += acknowledged
+                        durable, done = len(outcomes), []
+                        if i < len(rows) - 1:
+                            conn = await uow.transaction()
+        except Exception as error:  # the open transaction failed: what it held did not happen
+            log.warning("relay %s: a delivery transaction failed: %s", self.instance_id, error)
+            failed = [Outcome(row, error, time.perf_counter() - started) for row in rows[durable:]]
+            return outcomes[:durable] + failed
+        return outcomes
+
+    async def _acknowledge(self, conn: asyncpg.Connection, ids: list[int]) -> int:
+        """Mark delivered, in the deliveries' own transaction: effects and acknowledgement commit
+        together, so a crash cannot leave an applied row unacknowledged (the inbox still guards
+        the race of a relay whose lease lapsed mid-batch)."""
+        return await conn.fetchval(ACK_SQL, ids, self.instance_id) if ids else 0
+
+    async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row) -> tuple[Outcome, bool]:
+        """One delivery in a savepoint. Returns its outcome and whether it appended events."""
+        started = time.perf_counter()
+        bound = self.system.subscriptions.get(row["subscriber"])
+        child = uow.child()
+        try:
             async with asyncio.timeout(self.handler_timeout):
                 for conflict in range(5):
                     try:
-                        await self._apply(bound.handler, row, event, envelope)
+                        async with conn.transaction():  # SAVEPOINT: a failure undoes this delivery only
+                            if not await conn.fetchval(INBOX_SQL, row["subscriber"], row["message_id"]):
+                                break  # applied before (a redelivery): acknowledge without running it
+                            await self._apply(bound, child, row)
                         break
                     except ConcurrencyError:
+                        child = uow.child()  # decide again on fresh state
                         if conflict == 4:
                             raise
-            return Outcome(row, None, time.perf_counter() - started)
+            return Outcome(row, None, time.perf_counter() - started), bool(child.positions)
         except Exception as error:
-            return Outcome(row, error, time.perf_counter() - started)
+            return Outcome(row, error, time.perf_counter() - started), False
 
-    async def _apply(self, handler, row, event, envelope: Envelope) -> None:
-        uow = self.system.uow()
-        async with uow:
-            conn = await uow.transaction()
-            if await conn.fetchval(INBOX_SQL, row["subscriber"], row["message_id"]):
-                await handler(event, uow=uow, envelope=envelope)
-            # else: applied before (a redelivery after a lost ack): acknowledge without running it
-            await uow.commit()
+    async def _apply(self, bound, uow: UnitOfWork, row) -> None:
+        if bound is None or bound.handler is None:
+            raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
+        max_attempts = bound.subscription.max_attempts or self.system.settings.retry_max_attempts
+        if row["attempts"] > max_attempts:
+            raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
+        event = self.system.catalog.decode(row["type"], row["payload"])
+        headers = _decode_headers(row["headers"])
+        context.correlation_id.set(headers.get("correlation_id"))
+        context.causation_id.set(str(row["message_id"]))
+        envelope = Envelope(
+            message_id=row["message_id"],
+            position=row["position"],
+            subscriber=row["subscriber"],
+            attempt=row["attempts"],
+            headers=headers,
+        )
+        await bound.handler(event, uow=uow, envelope=envelope)
 
     async def _settle(self, outcomes: list[Outcome]) -> None:
-        done = [o for o in outcomes if o.error is None]
-        if done:
-            self.delivered += await self.db.fetchval(ACK_SQL, [o.row["id"] for o in done], self.instance_id)
-            for o in done:
+        for o in outcomes:
+            if o.error is None:
                 DELIVERED.labels(o.row["subscriber"]).inc()
                 LAG.observe(float(o.row["age"]) + o.seconds)
         retries: tuple[list, list, list] = ([], [], [])
@@ -386,3 +421,16 @@ def _decode_headers(raw: str | bytes) -> dict[str, Any]:
     import msgspec
 
     return msgspec.json.decode(raw)
+
+
+GROUP_SIZE = 25
+
+
+def _groups(rows: list) -> list[list]:
+    """Split a batch into delivery groups (one transaction each), a module's rows together: they
+    touch the same kinds of streams, so one group appends them in turn instead of two groups
+    waiting on (or deadlocking over) each other's uncommitted appends."""
+    by_module: dict[str, list] = {}
+    for row in rows:
+        by_module.setdefault(row["subscriber"].split(".", 1)[0], []).append(row)
+    return [rows[i : i + GROUP_SIZE] for rows in by_module.values() for i in range(0, len(rows), GROUP_SIZE)]

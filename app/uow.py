@@ -75,6 +75,16 @@ class UnitOfWork:
         self._seen: dict[tuple[type, Any], Aggregate] = {}
         self.positions: list[int] = []
         self._published = False  # outbox rows written, to announce once the transaction commits
+        self._parent: UnitOfWork | None = None
+
+    def child(self) -> UnitOfWork:
+        """A unit inside this unit's open transaction, with its own identity map. The relay gives
+        one to each delivery of a batch: the delivery's writes commit with the batch, and a failed
+        delivery (rolled back to its savepoint) leaves no stale aggregate behind for the next."""
+        assert self._tx is not None, "begin the transaction first: await uow.transaction()"
+        child = UnitOfWork(self._db, self._catalog)
+        child._conn, child._tx, child._depth, child._parent = self._conn, self._tx, 1, self
+        return child
 
     async def __aenter__(self) -> UnitOfWork:
         if self._depth == 0:
@@ -137,13 +147,14 @@ class UnitOfWork:
             if self._depth > 1 or self._tx is not None:
                 await self.transaction()
             self.positions.extend(await self._append(pending))
-        if self._depth <= 1:
+        if self._depth <= 1 and self._parent is None:  # a child's writes commit with its parent
             if self._tx is not None:
                 tx, self._tx = self._tx, None
                 await tx.commit()
             if self._published:
                 self._published = False
                 self._db.outbox_written()  # committed: wake the relays
+
     async def _append(self, aggregates: list[Aggregate]) -> list[int]:
         metadata = _encode(
             {"correlation_id": context.current_correlation_id(), "causation_id": context.causation_id.get()}
@@ -174,5 +185,8 @@ class UnitOfWork:
             # Units that append in several statements (nested) can still wait on each other;
             # PostgreSQL aborts one, which decides again on fresh state like any other conflict.
             raise ConcurrencyError(f"deadlock with a concurrent writer: {error.detail or error}") from None
-        self._published = self._published or outbox_rows > 0
+        if outbox_rows:
+            self._published = True
+            if self._parent is not None:
+                self._parent._published = True
         return positions

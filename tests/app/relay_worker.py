@@ -9,8 +9,8 @@ runs a relay over `testing.record` with a one-second lease and hangs where MODE 
 printing one line to stdout:
   handler  deliver each key's first event, then hang inside the handler of the second
            ("claimed"): its effect is written but never committed;
-  settle   deliver the first batch, then hang before acknowledging it ("applied"): effects and
-           inbox rows are committed, the rows are still in flight.
+  settle   run the first batch's handlers, then hang before acknowledging and committing it
+           ("applied"): nothing is committed, the rows are still in flight.
 """
 
 from __future__ import annotations
@@ -171,9 +171,10 @@ async def deliver_everything(relay: Relay, seconds: float = 10.0) -> None:
 
 
 class HangBeforeAck(Relay):
-    async def _settle(self, outcomes) -> None:
-        print("applied", flush=True)
+    async def _acknowledge(self, conn, ids) -> int:
+        print("applied", flush=True)  # handlers ran; their transaction has not committed
         await asyncio.Event().wait()
+        return 0
 
 
 async def main(mode: str, instance_id: str) -> None:
