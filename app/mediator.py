@@ -4,11 +4,13 @@ through behaviours — bulkhead, circuit breaker, deadline, conflict retry, metr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -30,6 +32,9 @@ from app.messages import (
 )
 
 Handler = Callable[..., Awaitable[Any]]
+
+_deadline: ContextVar[float | None] = ContextVar("switchboard_deadline", default=None)  # loop time
+DEADLINE_MARGIN = 0.05  # seconds a nested call leaves its caller to answer
 
 CALLS = Counter("switchboard_mediator_calls_total", "Mediator calls", ["module", "message", "outcome"])
 LATENCY = Histogram(
@@ -248,8 +253,16 @@ class Mediator:
             outcomes[outcome].inc()
 
     async def _run(self, route: Route, message: Any) -> Any:
+        now = asyncio.get_running_loop().time()
+        deadline = now + route.timeout
+        outer = _deadline.get()
+        if outer is not None:
+            # A nested call ends before its caller's deadline, so a hung dependency times out as
+            # *its* failure (its breaker counts it; the caller sees its Unavailable), not the caller's.
+            deadline = min(deadline, outer - DEADLINE_MARGIN)
+        token = _deadline.set(deadline)
         try:
-            async with asyncio.timeout(route.timeout):
+            async with asyncio.timeout_at(deadline):
                 for attempt in range(self.conflict_retries + 1):
                     try:
                         return await route.handler(message)
@@ -260,8 +273,26 @@ class Mediator:
                         await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         except TimeoutError:
             raise _unavailable(
-                route.module, f"{type(message).__name__} exceeded its {route.timeout:g}s deadline", 1
+                route.module, f"{type(message).__name__} exceeded its {deadline - now:.3g}s deadline", 1
             ) from None
+        finally:
+            _deadline.reset(token)
+
+
+def remaining_seconds() -> float | None:
+    """Time left before the deadline of the mediator call in progress (None outside any)."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
+
+
+@contextlib.contextmanager
+def deadline_in(seconds: float) -> Iterator[None]:
+    """Run the calls inside under a caller's deadline (the remote transport's receiving end)."""
+    token = _deadline.set(asyncio.get_running_loop().time() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
 
 
 def _unavailable(module: str, detail: str, retry_after: int) -> Unavailable:

@@ -20,6 +20,7 @@ from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 
 from app import context
+from app.mediator import deadline_in, remaining_seconds
 from app.messages import CommandRejected, SwitchboardError, Unavailable
 from app.registry import Registry
 
@@ -120,6 +121,9 @@ class RemoteTransport:
             "authorization": f"Bearer {self.token}",
             "x-request-id": context.current_correlation_id(),
         }
+        remaining = remaining_seconds()
+        if remaining is not None:  # the callee stops when we stop waiting
+            headers[DEADLINE_HEADER] = f"{max(remaining, 0.0):.3f}"
         failure = ""
         for instance_id, base_url in endpoints:
             try:
@@ -172,7 +176,15 @@ def internal_endpoint(token: str, get_system):
         except msgspec.DecodeError as error:
             return Response({"status": 400, "title": "Invalid message", "detail": str(error)}, status_code=400,
                             media_type="application/problem+json")
-        result = await system.mediator.dispatch_local(message)
+        try:
+            budget = float(request.headers.get(DEADLINE_HEADER, "nan"))
+        except ValueError:
+            budget = float("nan")
+        if budget == budget and budget >= 0:  # not NaN: run within the caller's remaining time
+            with deadline_in(min(budget, 300.0)):
+                result = await system.mediator.dispatch_local(message)
+        else:
+            result = await system.mediator.dispatch_local(message)
         return Response(_encode(result), media_type="application/json")
 
     return receive

@@ -412,3 +412,24 @@ def test_a_commands_py_that_fails_to_import_a_dependency_fails_at_start_up(monke
 
     with pytest.raises(ModuleNotFoundError, match="yaml"):
         _check_handled([Module(name="shipping")], {})
+
+
+async def test_a_nested_call_times_out_before_its_caller_and_is_blamed_on_its_own_module():
+    never = asyncio.Event()
+
+    async def hang(message: Any) -> None:
+        await never.wait()
+
+    async def call_inner(message: Any) -> None:
+        await mediator.send(Lookup())
+
+    mediator = Mediator(
+        {Ping: ("outer", call_inner), Lookup: ("inner", hang)}, default_timeout=0.3, breaker_fail_max=1
+    )
+
+    with pytest.raises(Unavailable) as raised:
+        await asyncio.wait_for(mediator.send(Ping()), WAIT)
+
+    assert raised.value.module == "inner"
+    assert mediator.breakers["inner"].current_state == CircuitBreakerState.OPEN
+    assert mediator.breakers["outer"].current_state == CircuitBreakerState.CLOSED
