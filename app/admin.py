@@ -15,6 +15,7 @@ from litestar.params import FromQuery, PathParameter
 from app import operations
 from app.db import Database
 from app.messages import CommandRejected
+from app.registry import STALE_AFTER_BEATS, list_services
 
 
 def require_admin_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -76,6 +77,8 @@ class AdminController(Controller):
         return {"id": letter_id, "status": "replayed" if action is operations.replay else "discarded"}
 
     @get("/services")
-    async def services(self, db: NamedDependency[Database]) -> list[dict[str, Any]]:
-        rows = await db.fetch("SELECT * FROM services ORDER BY instance_id")
-        return [dict(r) for r in rows]
+    async def services(self, db: NamedDependency[Database], request: Request) -> list[dict[str, Any]]:
+        """Every registered instance with `live` (heartbeat within 3 intervals); stale ones are
+        listed until a live instance's heartbeat prunes them."""
+        settings = request.app.state.runtime.settings
+        return await list_services(db, settings.heartbeat_seconds * STALE_AFTER_BEATS, include_stale=True)

@@ -212,6 +212,7 @@ async def relay_lag(url: str, rate: float, duration: float, limit: float) -> dic
                 [eid],
                 ["bench.noop"],
             )
+            producer.outbox_written()  # as UnitOfWork.commit does: the coalesced NOTIFY wakes the relay
 
         cpu0, t0 = _cpu(), perf()
         await paced.run(send)
