@@ -2,8 +2,9 @@
 
 Starts an embedded PostgreSQL in a temporary folder (or uses DATABASE_URL's server), gives each
 measurement a fresh migrated database on it, runs P1 (switchboard, then the baseline app — one at
-a time, so they never share the CPU), P2 (relay, then procrastinate) and the mediator
-micro-benchmark, stops everything, and prints one JSON line per measurement and a table.
+a time, so they never share the CPU), P2 (relay, then procrastinate), the mediator
+micro-benchmark and the remote transport vs local (split deployment), stops everything, and prints
+one JSON line per measurement and a table.
 bench/README.md says what each number means.
 """
 
@@ -23,6 +24,7 @@ from pathlib import Path
 from bench import env
 from bench.loadgen import raise_nofile, run
 from bench.p1 import P1Config, capacity
+from bench.remote import RemoteConfig
 
 TARGETS = {
     "p1_connections": 10_000,
@@ -32,6 +34,14 @@ TARGETS = {
     "relay_lag_p99_ms": 50.0,
     "relay_vs_procrastinate": 10.0,
     "mediator_overhead_us": 10.0,
+}
+MEASUREMENTS_ORDER = ("loadgen", "p1", "p2", "notify", "mediator", "remote")
+MEASUREMENTS = frozenset(MEASUREMENTS_ORDER)
+# smoke leaves `remote` out: starting its inventory server alone takes longer than smoke's budget
+DEFAULT_ONLY = {
+    "quick": "p1,p2,mediator,remote",
+    "all": "loadgen,p1,p2,notify,mediator,remote",
+    "smoke": "p1,p2,mediator",
 }
 LITTLE_IN_FLIGHT = 10_000
 LITTLE_P99_S = 0.2
@@ -51,6 +61,7 @@ class Profile:
     mediator_runs: int = 5
     p2_timeout: float = 60.0
     notify_seconds: int = 5
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
 def profiles() -> dict[str, Profile]:
@@ -95,6 +106,7 @@ def profiles() -> dict[str, Profile]:
             mediator_iterations=50_000,
             mediator_runs=7,
             p2_timeout=180,
+            remote=RemoteConfig(duration=5.0, warmup=1.0, rounds=3),
         ),
         "smoke": Profile(
             "smoke",
@@ -109,6 +121,7 @@ def profiles() -> dict[str, Profile]:
             mediator_iterations=500,
             mediator_runs=2,
             p2_timeout=30,
+            remote=RemoteConfig(concurrency=8, duration=0.5, warmup=0.2, query_skus=2, reserve_skus=50),
         ),
     }
 
@@ -265,6 +278,18 @@ async def main_async(args: argparse.Namespace, profile: Profile, out: Output) ->
             summary["mediator_us"] = cost["mediator_us"]
             summary["direct_call_us"] = cost["direct_us"]
             summary["mediator_overhead_us"] = cost["overhead_us"]
+        if "remote" in args.only:
+            from bench.remote import measure as remote_measure
+
+            rv = await remote_measure(server, profile.remote, free_port(), data_dir / "logs")
+            out.emit(rv)
+            for name, r in rv["results"].items():
+                key = f"remote_{name}"
+                summary[f"{key}_local_rps"] = r["local"]["rps"]
+                summary[f"{key}_local_p99_ms"] = r["local"]["p99_ms"]
+                summary[f"{key}_remote_rps"] = r["remote"]["rps"]
+                summary[f"{key}_remote_p99_ms"] = r["remote"]["p99_ms"]
+                summary[f"{key}_rps_ratio"] = r["rps_ratio_remote_over_local"]
         summary["targets"] = judge(summary)
         summary["little"] = little(summary)
         summary["seconds"] = round(time.monotonic() - started, 1)
@@ -431,6 +456,20 @@ def table(records: list[dict]) -> str:
                 if f"insert_tps_c{c}" in r
             )
             lines.append(f"NOTIFY cost (pgbench, one-row insert tx/s without -> with pg_notify): {cells}")
+        elif m == "remote_vs_local":
+            for name, v in r["results"].items():
+                lo, re_ = v["local"], v["remote"]
+                errs = lo["errors"] + re_["errors"]
+                lines.append(
+                    f"Remote: {name} x {r['concurrency']} workers, closed loop: local {lo['rps']:g} req/s"
+                    f" p50 {_f(lo['p50_ms'])} p99 {_f(lo['p99_ms'])} ms, remote {re_['rps']:g} req/s"
+                    f" p50 {_f(re_['p50_ms'])} p99 {_f(re_['p99_ms'])} ms (req/s ratio"
+                    f" {v['rps_ratio_remote_over_local']}, p99 ratio {v['p99_ratio_remote_over_local']};"
+                    f" cpu/call {_f(lo['cpu_us_per_call'])} -> {_f(re_['cpu_us_per_call'])} us;"
+                    f" cpu srv {_f(re_.get('cpu_server'))}, box {_f(lo.get('cpu_machine'))}/{_f(re_.get('cpu_machine'))}"
+                    + (f"; {errs} errors" if errs else "")
+                    + ")"
+                )
         elif m == "mediator_cost":
             lines.append(
                 f"Mediator: send() {r['mediator_us']} us/call, direct call {r['direct_us']} us, overhead "
@@ -486,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("profile", choices=["quick", "all", "smoke"])
     p.add_argument(
         "--only",
-        help="comma-separated: loadgen, p1, p2, notify, mediator (quick: p1,p2,mediator; all: all five)",
+        help="comma-separated: loadgen, p1, p2, notify, mediator, remote"
+        " (quick: p1,p2,mediator,remote; all: all six; smoke: p1,p2,mediator)",
     )
     p.add_argument("--connections", type=int, help="P1 keep-alive connections")
     p.add_argument("--rates", type=float, nargs="+", help="P1 rates (req/s)")
@@ -504,8 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON lines file (default: bench/results/<profile>-<time>.jsonl)")
     args = p.parse_args(argv)
     if args.only is None:
-        args.only = "loadgen,p1,p2,notify,mediator" if args.profile == "all" else "p1,p2,mediator"
+        args.only = DEFAULT_ONLY[args.profile]
     args.only = {x.strip() for x in args.only.split(",") if x.strip()}
+    if args.only - MEASUREMENTS:
+        p.error(
+            f"--only: {', '.join(sorted(args.only - MEASUREMENTS))}? choose from {', '.join(MEASUREMENTS_ORDER)}"
+        )
     args.targets = [x.strip() for x in args.targets.split(",") if x.strip()]
     if set(args.targets) - {"switchboard", "baseline", "switchboard-norelay"}:
         p.error("--targets: switchboard, baseline, switchboard-norelay (diagnosis: no relay in the process)")
