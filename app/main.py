@@ -56,7 +56,10 @@ class Runtime:
             self.ready = True
             yield
         finally:
-            self.ready = False  # readiness turns false first: load balancers stop sending
+            # granian has already stopped accepting and finished in-flight requests by now (nginx
+            # sees connection refused and tries the next replica); readiness false covers probes
+            # that race the shutdown, then the relay and the registry entry go.
+            self.ready = False
             if self.relay is not None:
                 await self.relay.stop()  # finishes its batch or releases the claims
             for task in self._tasks:

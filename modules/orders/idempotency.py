@@ -78,4 +78,10 @@ async def remember_rejection(db: Database, key: str, error: CommandRejected) -> 
 
 async def release(db: Database, key: str, order_id: UUID) -> None:
     """The first request failed without an answer to keep (e.g. 503): let a retry start afresh."""
-    await db.execute("DELETE FROM orders_idempotency WHERE key = $1 AND order_id = $2", key, order_id)
+    await db.execute(
+        "DELETE FROM orders_idempotency WHERE key = $1 AND order_id = $2"
+        # a deadline may cancel us after the order's COMMIT went through: then the key stays
+        " AND NOT EXISTS (SELECT 1 FROM events WHERE stream_id = 'order-' || $2::text)",
+        key,
+        order_id,
+    )
