@@ -1,5 +1,6 @@
-"""The relay: claims due outbox rows, delivers each to its subscriber inside a transaction that
-also writes the inbox row, then acknowledges, retries with backoff, or dead-letters.
+"""The relay: claims due outbox rows and delivers each to its subscriber in a savepoint with its
+inbox row; acknowledges in the same transaction (a run of deliveries commits together), retries
+with backoff, or dead-letters.
 
 Guarantees (docs/ARCHITECTURE.md has the why):
 - a row is claimed by one live relay at a time (FOR UPDATE SKIP LOCKED + a lease);
@@ -427,9 +428,9 @@ GROUP_SIZE = 25
 
 
 def _groups(rows: list) -> list[list]:
-    """Split a batch into delivery groups (one transaction each), a module's rows together: they
-    touch the same kinds of streams, so one group appends them in turn instead of two groups
-    waiting on (or deadlocking over) each other's uncommitted appends."""
+    """Split a batch into delivery groups (one connection each, delivered in turn), a module's
+    rows together: they touch the same kinds of tables, so one group writes them in turn instead of
+    two groups waiting on each other's uncommitted rows."""
     by_module: dict[str, list] = {}
     for row in rows:
         by_module.setdefault(row["subscriber"].split(".", 1)[0], []).append(row)
