@@ -10,6 +10,9 @@ from app.messages import Event
 
 class Aggregate:
     stream_type: ClassVar[str]
+    # Every N events the unit of work stores the state as a snapshot, and loads start from the
+    # latest one instead of replaying the whole stream. 0: never (short-lived streams).
+    snapshot_every: ClassVar[int] = 0
 
     def __init__(self, id: Any) -> None:
         self.id = id
@@ -31,6 +34,23 @@ class Aggregate:
             aggregate._apply(event)
             aggregate.version += 1
         return aggregate
+
+    @classmethod
+    def from_snapshot(cls, id: Any, version: int, state: Any, events: Iterable[Event]) -> Self:
+        aggregate = cls(id)
+        aggregate.restore(state)
+        aggregate.version = version
+        for event in events:
+            aggregate._apply(event)
+            aggregate.version += 1
+        return aggregate
+
+    def snapshot(self) -> Any:  # pragma: no cover - aggregates with snapshot_every override it
+        """The state as JSON-encodable data; `restore(snapshot())` must rebuild the same state."""
+        raise NotImplementedError
+
+    def restore(self, state: Any) -> None:  # pragma: no cover
+        raise NotImplementedError
 
     @property
     def stored_version(self) -> int:

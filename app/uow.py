@@ -18,6 +18,7 @@ from app.messages import ConcurrencyError, Event, NotFound
 A = TypeVar("A", bound=Aggregate)
 
 _encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
 
 # One round trip: events and their outbox rows. Positions come back in stream order. The relays
 # are woken after the commit (Database.outbox_written), not by a NOTIFY inside this transaction:
@@ -41,6 +42,24 @@ FROM ev
 """
 
 LOAD_SQL = "SELECT type, data FROM events WHERE stream_id = $1 ORDER BY version"
+
+# For aggregates with snapshots: the latest snapshot (type NULL) first, then the events after it.
+LOAD_FROM_SNAPSHOT_SQL = """
+SELECT NULL::text AS type, state AS data, version FROM snapshots WHERE stream_id = $1
+UNION ALL
+SELECT type, data, version FROM events
+WHERE stream_id = $1 AND version > coalesce((SELECT version FROM snapshots WHERE stream_id = $1), 0)
+ORDER BY version
+"""
+
+# A snapshot is a cache of state at a committed version: written after its events, never newer
+# than what the store holds, replaced only by a later one.
+SNAPSHOT_SQL = """
+INSERT INTO snapshots (stream_id, version, state)
+SELECT * FROM unnest($1::text[], $2::int[], $3::jsonb[])
+ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, state = excluded.state, taken_at = now()
+WHERE snapshots.version < excluded.version
+"""
 
 
 class EventCatalog:
@@ -130,7 +149,15 @@ class UnitOfWork:
         key = (cls, id)
         if key in self._seen:
             return self._seen[key]  # type: ignore[return-value]
-        rows = await self.connection.fetch(LOAD_SQL, cls.stream_id_for(id))
+        if cls.snapshot_every:
+            rows = await self.connection.fetch(LOAD_FROM_SNAPSHOT_SQL, cls.stream_id_for(id))
+            if rows and rows[0]["type"] is None:
+                events = [self._catalog.decode(r["type"], r["data"]) for r in rows[1:]]
+                aggregate = cls.from_snapshot(id, rows[0]["version"], _decode(rows[0]["data"]), events)
+                self._seen[key] = aggregate
+                return aggregate
+        else:
+            rows = await self.connection.fetch(LOAD_SQL, cls.stream_id_for(id))
         if not rows:
             return None
         aggregate = cls.rehydrate(id, [self._catalog.decode(r["type"], r["data"]) for r in rows])
@@ -160,8 +187,14 @@ class UnitOfWork:
             {"correlation_id": context.current_correlation_id(), "causation_id": context.causation_id.get()}
         ).decode()
         ids, streams, versions, types, datas, sub_ids, sub_names = [], [], [], [], [], [], []
+        snapshots: tuple[list, list, list] = ([], [], [])
         for aggregate in aggregates:
             version = aggregate.stored_version
+            every = aggregate.snapshot_every
+            if every and version // every != aggregate.version // every:  # crosses a multiple of N
+                snapshots[0].append(aggregate.stream_id)
+                snapshots[1].append(aggregate.version)
+                snapshots[2].append(_encode(aggregate.snapshot()).decode())
             for event in aggregate.collect_events():
                 version += 1
                 event_id = uuid.uuid4()
@@ -185,6 +218,8 @@ class UnitOfWork:
             # Units that append in several statements (nested) can still wait on each other;
             # PostgreSQL aborts one, which decides again on fresh state like any other conflict.
             raise ConcurrencyError(f"deadlock with a concurrent writer: {error.detail or error}") from None
+        if snapshots[0]:
+            await self.connection.execute(SNAPSHOT_SQL, *snapshots)
         if outbox_rows:
             self._published = True
             if self._parent is not None:

@@ -67,7 +67,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 
 TABLES = (
     "events, outbox, dead_letter_history, dead_letters, inbox, services, checkpoints,"
-    " inventory_reservations, orders_view, notifications_sent, orders_idempotency"
+    " inventory_reservations, orders_view, notifications_sent, orders_idempotency, snapshots"
 )
 
 

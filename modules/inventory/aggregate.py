@@ -12,6 +12,7 @@ from modules.inventory.events import ReservationCommitted, ReservationReleased, 
 
 class Stock(Aggregate):
     stream_type = "stock"
+    snapshot_every = 100  # a SKU's stream grows by two events per order: never replay all of it
 
     def __init__(self, id: str) -> None:
         super().__init__(id)
@@ -21,6 +22,13 @@ class Stock(Aggregate):
     @property
     def reserved(self) -> int:
         return sum(self.holds.values())
+
+    def snapshot(self) -> dict:
+        return {"available": self.available, "holds": {str(order): qty for order, qty in self.holds.items()}}
+
+    def restore(self, state: dict) -> None:
+        self.available = state["available"]
+        self.holds = {UUID(order): qty for order, qty in state["holds"].items()}
 
     def add(self, quantity: int) -> None:
         self._record(StockAdded(sku=self.id, quantity=quantity))

@@ -1,5 +1,6 @@
 """Stock: given events -> decide -> new events. No database."""
 
+import uuid
 from uuid import UUID
 
 import pytest
@@ -94,3 +95,15 @@ def test_committing_twice_records_reservation_committed_once():
     stock.commit(ORDER_A)
 
     assert stock.collect_events() == [ReservationCommitted(sku=SKU, order_id=ORDER_A, quantity=4)]
+
+
+def test_restoring_a_stock_snapshot_rebuilds_available_and_holds():
+    stock = Stock("sku-1")
+    stock.add(10)
+    order = uuid.uuid4()
+    stock.reserve(order, 3)
+
+    copy = Stock("sku-1")
+    copy.restore(stock.snapshot())
+
+    assert (copy.available, copy.holds) == (7, {order: 3})
