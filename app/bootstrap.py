@@ -59,10 +59,6 @@ class System:
         return UnitOfWork(self.db, self.catalog)
 
     @property
-    def controllers(self) -> list[type]:
-        return [c for m in self.modules if m.name in self.hosted for c in m.controllers]
-
-    @property
     def hosted_subscribers(self) -> list[str]:
         return [name for name, s in self.subscriptions.items() if s.subscription.module in self.hosted]
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 from prometheus_client import Counter, Histogram
 
 from app import context
@@ -418,10 +419,7 @@ class Relay:
         )
 
 
-def _decode_headers(raw: str | bytes) -> dict[str, Any]:
-    import msgspec
-
-    return msgspec.json.decode(raw)
+_decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 GROUP_SIZE = 25

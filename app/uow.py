@@ -70,10 +70,6 @@ class EventCatalog:
         self.subscribers: dict[type[Event], tuple[str, ...]] = {t: tuple(s) for t, s in subscribers.items()}
         self._decoders = {topic: msgspec.json.Decoder(t) for topic, t in self.types.items()}
 
-    def register(self, event_type: type[Event]) -> None:
-        self.types.setdefault(event_type.topic(), event_type)
-        self._decoders.setdefault(event_type.topic(), msgspec.json.Decoder(event_type))
-
     def decode(self, topic: str, data: str | bytes) -> Event:
         try:
             return self._decoders[topic].decode(data)
