@@ -1,6 +1,7 @@
-"""The relay: claims due outbox rows and delivers each to its subscriber in a savepoint with its
-inbox row; acknowledges in the same transaction (a run of deliveries commits together), retries
-with backoff, or dead-letters.
+"""The relay: claims due outbox rows and delivers them to their subscribers with their inbox rows,
+acknowledging in the same transaction -- a run of one subscriber's deliveries per transaction
+(fast path), or a savepoint per delivery after a handler failure (careful path) -- retries with
+backoff, or dead-letters.
 
 Guarantees (docs/ARCHITECTURE.md has the why):
 - a row is claimed by one live relay at a time (FOR UPDATE SKIP LOCKED + a lease);
@@ -78,16 +79,8 @@ WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
 # row over, that relay's outcome stands (a stale retry or dead letter would overwrite it; a stale
 # ack is not needed: the inbox makes the new holder acknowledge without running the handler).
 ACK_SQL = """
-WITH done AS (
-    UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
-    WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
-    RETURNING subscriber, position
-), checkpoint AS (
-    INSERT INTO checkpoints (name, position)
-    SELECT subscriber, max(position) FROM done GROUP BY subscriber ORDER BY subscriber
-    ON CONFLICT (name) DO UPDATE SET position = greatest(checkpoints.position, excluded.position), updated_at = now()
-)
-SELECT count(*) FROM done
+UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
 """
 
 RETRY_SQL = """
@@ -143,10 +136,39 @@ DELETE FROM outbox WHERE id IN (
 # failed delivery rolls its inbox row back with its effects.
 INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
 
+# The fast path reads which of a group's messages its subscriber has applied before, once, and
+# writes the inbox rows of a run together with its acknowledgement. A concurrent relay that
+# applied one of them meanwhile (a lapsed lease) makes the INSERT fail: the run rolls back and is
+# delivered carefully, where the per-delivery inbox check skips it.
+INBOX_SEEN_SQL = """
+SELECT message_id FROM inbox WHERE subscriber = $1 AND message_id = ANY($2::uuid[])
+"""
+
+ACK_WITH_INBOX_SQL = """
+WITH seen AS (
+    INSERT INTO inbox (subscriber, message_id) SELECT $3, unnest($4::uuid[])
+)
+UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+"""
+
 
 def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> float:
     """Exponential backoff with full jitter: uniform in [0, min(cap, base * 2^(attempt-1)))."""
     return rand() * min(cap, base * 2 ** max(attempt - 1, 0))
+
+
+# After a handler failure its subscriber is delivered carefully (a savepoint per delivery) for
+# this long, so a subscriber that keeps failing does not keep re-running its good deliveries.
+CAREFUL_SECONDS = 30.0
+
+
+class _HandlerFailed(Exception):
+    """A handler failed in a fast run (which then rolled back): which row of the rows the group
+    had left when the run began, why, after how long."""
+
+    def __init__(self, index: int, error: BaseException, seconds: float) -> None:
+        self.index, self.error, self.seconds = index, error, seconds
 
 
 class LeaseExpired(Exception):
@@ -180,6 +202,7 @@ class Relay:
         self.handler_timeout = settings.relay_handler_timeout
         self.retention_seconds = settings.outbox_retention_seconds
         self.concurrency = concurrency or max(2, system.db.max_size // 2)
+        self._limit = asyncio.Semaphore(self.concurrency)
         self.delivered = 0
         self._wake = asyncio.Event()
         self._unsubscribe = system.db.on_outbox_written(self._wake.set)  # commits in this process
@@ -187,6 +210,7 @@ class Relay:
         self._task: asyncio.Task | None = None
         self._listener: asyncpg.Connection | None = None
         self._last_reclaim = 0.0
+        self._careful_until: dict[str, float] = {}  # subscriber -> delivered carefully until then
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -208,6 +232,10 @@ class Relay:
                     await self._task
 
     async def run(self) -> None:
+        """Claim, deliver, settle; wait for a wake-up (or the poll interval) when the last claim
+        was not full. One claim at a time per relay: two concurrent claims take the same head of
+        the queue, and the loser re-checks every row the winner took (measured: claims 8x slower,
+        P1 capacity from 750 to 375 req/s)."""
         try:
             while not self._stopping:
                 try:
@@ -257,10 +285,8 @@ class Relay:
         ids = [r["id"] for r in rows]
         keeper = asyncio.create_task(self._keep_leases(ids))
         try:
-            limit = asyncio.Semaphore(self.concurrency)
-
             async def bounded(group):
-                async with limit:
+                async with self._limit:
                     return await self._deliver_group(group)
 
             outcomes = [o for group in await asyncio.gather(*map(bounded, _groups(rows))) for o in group]
@@ -283,11 +309,73 @@ class Relay:
                 log.warning("relay %s: could not extend leases: %s", self.instance_id, error)
 
     async def _deliver_group(self, rows: list) -> list[Outcome]:
-        """Deliver rows on one connection, several to a transaction: each delivery (its inbox row
-        and its handler) in a savepoint of its own, so a failure undoes only that one; the
-        acknowledgements in the same transaction; one COMMIT (one WAL flush) for the lot. A
-        delivery that appended events commits at once, so stream appends (which other writers,
-        e.g. POST /orders reserving stock, may wait on) are never held across other deliveries."""
+        """Deliver one subscriber's rows on one connection: optimistically several to a
+        transaction without savepoints (`_deliver_run`); when a handler fails, the run rolls back
+        and its rows go through `_deliver_careful` (a savepoint each) -- except the failed one,
+        whose error is its outcome -- and so does the subscriber for CAREFUL_SECONDS."""
+        subscriber = rows[0]["subscriber"]
+        if self._careful_until.get(subscriber, 0.0) > time.monotonic():
+            return await self._deliver_careful(rows)
+        outcomes: list[Outcome] = []
+        try:
+            seen = {r[0] for r in await self.db.fetch(INBOX_SEEN_SQL, subscriber, [r["message_id"] for r in rows])}
+            while rows:
+                done, rows = await self._deliver_run(subscriber, rows, seen)
+                outcomes += done
+        except _HandlerFailed as failed:
+            i, error = failed.index, failed.error
+            self._careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS
+            if isinstance(error, ConcurrencyError):  # careful retries it on fresh state
+                outcomes += await self._deliver_careful(rows[: i + 1])
+            else:
+                outcomes += await self._deliver_careful(rows[:i])
+                outcomes.append(Outcome(rows[i], error, failed.seconds))
+            outcomes += await self._deliver_careful(rows[i + 1 :])
+        except Exception as error:  # the run's own statements failed: nothing of it happened
+            log.info("relay %s: fast delivery failed, delivering one by one: %s", self.instance_id, error)
+            outcomes += await self._deliver_careful(rows)
+        return outcomes
+
+    async def _deliver_run(self, subscriber: str, rows: list, seen: set) -> tuple[list[Outcome], list]:
+        """The fast path: the handlers in turn in one transaction, then their inbox rows and the
+        acknowledgement in one statement, and one COMMIT. Ends after a delivery that appended
+        events, returning the rest: stream appends (which other writers, e.g. POST /orders
+        reserving stock, may wait on) are never held across other deliveries. A handler error
+        rolls the whole run back and raises `_HandlerFailed`."""
+        outcomes: list[Outcome] = []
+        applied: list = []
+        bound = self.system.subscriptions.get(subscriber)
+        uow = self.system.uow()
+        async with uow:
+            await uow.transaction()
+            for i, row in enumerate(rows):
+                started = time.perf_counter()
+                if row["message_id"] not in seen:  # else applied before: just acknowledge
+                    child = uow.child()
+                    try:
+                        async with asyncio.timeout(self.handler_timeout):
+                            await self._apply(bound, child, row)
+                    except Exception as error:
+                        raise _HandlerFailed(i, error, time.perf_counter() - started) from error
+                    applied.append(row["message_id"])
+                    outcomes.append(Outcome(row, None, time.perf_counter() - started))
+                    if child.positions:
+                        break
+                else:
+                    outcomes.append(Outcome(row, None, time.perf_counter() - started))
+            acknowledged = await self._acknowledge(
+                uow.connection, [o.row["id"] for o in outcomes], (subscriber, applied)
+            )
+            await uow.commit()
+        self.delivered += acknowledged
+        return outcomes, rows[len(outcomes) :]
+
+    async def _deliver_careful(self, rows: list) -> list[Outcome]:
+        """Deliver rows one savepoint each, so a failure undoes only that one; the
+        acknowledgements in the same transaction; one COMMIT for the lot (and one after each
+        delivery that appended events)."""
+        if not rows:
+            return []
         started = time.perf_counter()
         outcomes: list[Outcome] = []
         durable = 0  # outcomes[:durable] are committed
@@ -314,11 +402,20 @@ class Relay:
             return outcomes[:durable] + failed
         return outcomes
 
-    async def _acknowledge(self, conn: asyncpg.Connection, ids: list[int]) -> int:
+    async def _acknowledge(
+        self, conn: asyncpg.Connection, ids: list[int], inbox: tuple[str, list] | None = None
+    ) -> int:
         """Mark delivered, in the deliveries' own transaction: effects and acknowledgement commit
         together, so a crash cannot leave an applied row unacknowledged (the inbox still guards
-        the race of a relay whose lease lapsed mid-batch)."""
-        return await conn.fetchval(ACK_SQL, ids, self.instance_id) if ids else 0
+        the race of a relay whose lease lapsed mid-batch). `inbox`: the fast path's (subscriber,
+        message ids applied) to record in the same statement."""
+        if not ids:
+            return 0
+        if inbox is None:
+            status = await conn.execute(ACK_SQL, ids, self.instance_id)
+        else:
+            status = await conn.execute(ACK_WITH_INBOX_SQL, ids, self.instance_id, *inbox)
+        return int(status.rsplit(" ", 1)[1])
 
     async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row) -> tuple[Outcome, bool]:
         """One delivery in a savepoint. Returns its outcome and whether it appended events."""
@@ -422,14 +519,14 @@ class Relay:
 _decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
 
 
-GROUP_SIZE = 25
+GROUP_SIZE = 50
 
 
 def _groups(rows: list) -> list[list]:
-    """Split a batch into delivery groups (one connection each, delivered in turn), a module's
-    rows together: they touch the same kinds of tables, so one group writes them in turn instead of
-    two groups waiting on each other's uncommitted rows."""
-    by_module: dict[str, list] = {}
+    """Split a batch into delivery groups (one connection each, delivered in turn), one
+    subscriber's rows together: a failing subscriber's fast run rolls back and re-runs only its
+    own deliveries, never another subscriber's."""
+    by_subscriber: dict[str, list] = {}
     for row in rows:
-        by_module.setdefault(row["subscriber"].split(".", 1)[0], []).append(row)
-    return [rows[i : i + GROUP_SIZE] for rows in by_module.values() for i in range(0, len(rows), GROUP_SIZE)]
+        by_subscriber.setdefault(row["subscriber"], []).append(row)
+    return [rows[i : i + GROUP_SIZE] for rows in by_subscriber.values() for i in range(0, len(rows), GROUP_SIZE)]

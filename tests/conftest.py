@@ -66,7 +66,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 
 
 TABLES = (
-    "events, outbox, dead_letter_history, dead_letters, inbox, services, checkpoints,"
+    "events, outbox, dead_letter_history, dead_letters, inbox, services,"
     " inventory_reservations, orders_view, notifications_sent, orders_idempotency, snapshots"
 )
 

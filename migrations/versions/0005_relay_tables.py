@@ -1,0 +1,46 @@
+"""Relay tables under load.
+
+Drop checkpoints: every acknowledgement upserted its subscriber's row, so concurrent delivery
+groups of one subscriber queued on that row lock until commit (the costliest statement of the
+relay under load). It was observability only; outbox `status`/`delivered_at` says the same.
+
+Vacuum the outbox and the inbox by row count, not by table fraction: every outbox row is updated
+twice (claimed, delivered), and each update leaves a dead entry in the claim's indexes that the
+next claim has to step over until a vacuum removes it. With the default (20% of the table) a big
+outbox (delivered rows stay an hour) is vacuumed rarely and claims slow down as the table grows.
+
+Revision ID: 0005
+Revises: 0004
+"""
+
+from alembic import op
+
+from app.migrate import run_script
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    run_script(op, """
+    DROP TABLE checkpoints;
+    ALTER TABLE outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
+        autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000,
+        autovacuum_vacuum_cost_delay = 0);
+    ALTER TABLE inbox SET (autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 50000)
+    """)
+
+
+def downgrade() -> None:
+    run_script(op, """
+    ALTER TABLE outbox RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold,
+        autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_insert_threshold, autovacuum_vacuum_cost_delay);
+    ALTER TABLE inbox RESET (autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_insert_threshold);
+    CREATE TABLE checkpoints (
+        name       text PRIMARY KEY,
+        position   bigint NOT NULL,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    )
+    """)

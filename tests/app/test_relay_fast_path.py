@@ -1,0 +1,138 @@
+"""The relay's fast path: a run of one subscriber's deliveries in one transaction without
+savepoints, the inbox rows written in one statement. What must hold: a handler failure rolls the
+run back and costs nothing but a re-run of that run's earlier deliveries (each still applied
+once); a delivery that appends events commits at once and the rest of the run is still delivered;
+a subscriber that failed is delivered carefully (no re-runs) for a while."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from app.aggregate import Aggregate
+from app.mediator import Envelope, Subscription
+from app.messages import Event
+from app.relay import Relay
+from app.uow import UnitOfWork
+from tests.app.relay_worker import (
+    SUBSCRIBER,
+    TestEvent,
+    append,
+    applied,
+    build_system,
+    deliver_everything,
+    recorder,
+    reset_effects,
+)
+
+
+@pytest.fixture(autouse=True)
+async def effects(db) -> None:
+    await reset_effects(db)
+
+
+def relay_for(settings, db, *subscriptions: Subscription) -> Relay:
+    return Relay(build_system(settings, db, subscriptions), instance_id="relay-fast")
+
+
+async def effect_counts(db) -> Counter:
+    rows = await db.fetch("SELECT message_id, count(*) AS n FROM relay_test_effects GROUP BY 1")
+    return Counter({r["message_id"]: r["n"] for r in rows})
+
+
+async def test_a_failure_mid_run_applies_every_other_delivery_once_and_retries_only_the_failed_one(
+    db, settings
+):
+    settings = replace(settings, retry_base_seconds=0.001, retry_cap_seconds=0.001)
+    calls: Counter = Counter()
+    failed: list[str] = []
+
+    def fail_third_once(event: TestEvent, envelope: Envelope) -> None:
+        calls[event.key] += 1
+        if event.key.endswith("00002") and not failed:
+            failed.append(event.key)
+            raise RuntimeError("once")
+
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(fail_third_once)))
+    keys = await append(relay.system, 6, 1)
+
+    await deliver_everything(relay)
+
+    assert await applied(db) == {key: [1] for key in keys}
+    assert set((await effect_counts(db)).values()) == {1}  # no double apply
+    # the two before the failure ran in the rolled-back run and again; the failed one ran twice
+    # (its failure, then its retry); the three after it ran once
+    assert [calls[k] for k in keys] == [2, 2, 2, 1, 1, 1]
+    attempts = await db.fetch("SELECT partition_key, attempts FROM outbox ORDER BY id")
+    assert [r["attempts"] for r in attempts] == [1, 1, 2, 1, 1, 1]
+
+
+class Echoed(Event, tag="testing.Echoed"):
+    """No subscribers: appending it needs no relay."""
+
+    key: str
+
+
+class Echo(Aggregate):
+    stream_type = "echo"
+
+    def _apply(self, event: Event) -> None:
+        pass
+
+
+async def test_a_run_commits_after_a_delivery_that_appended_events_and_still_delivers_the_rest(db, settings):
+    ran: list[str] = []
+
+    async def echo_every_other(event: TestEvent, uow: UnitOfWork, envelope: Envelope) -> None:
+        ran.append(event.key)
+        if int(event.key[-1]) % 2 == 0:
+            echo = Echo(event.key)
+            echo._record(Echoed(key=event.key))
+            uow.add(echo)
+            await uow.commit()
+
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, echo_every_other))
+    keys = await append(relay.system, 8, 1)
+
+    assert await relay.run_once() == 8
+
+    assert ran == keys  # every delivery ran, in order, once: the inbox rows the run took back did not hide any
+    echoes = await db.fetch("SELECT stream_id FROM events WHERE type = 'testing.Echoed' ORDER BY position")
+    assert [r["stream_id"] for r in echoes] == [f"echo-{k}" for k in keys if int(k[-1]) % 2 == 0]
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
+    assert await db.fetchval("SELECT count(*) FROM inbox WHERE subscriber = $1", SUBSCRIBER) == 8
+    # runs end after each delivery that appended: acknowledgements and echoes committed together,
+    # in the transactions {0}, {1, 2}, {3, 4}, {5, 6}, {7}
+    acks = await db.fetch("SELECT partition_key, xmin::text AS tx FROM outbox ORDER BY id")
+    runs: dict[str, list[int]] = {}
+    for number, row in enumerate(acks):
+        runs.setdefault(row["tx"], []).append(number)
+    assert sorted(runs.values()) == [[0], [1, 2], [3, 4], [5, 6], [7]]
+    echo_tx = await db.fetch("SELECT xmin::text AS tx FROM events WHERE type = 'testing.Echoed' ORDER BY position")
+    assert [r["tx"] for r in echo_tx] == [acks[n]["tx"] for n in (0, 2, 4, 6)]
+
+
+async def test_after_a_failure_the_subscriber_is_delivered_carefully_so_good_deliveries_do_not_rerun(
+    db, settings
+):
+    settings = replace(
+        settings, retry_base_seconds=0.001, retry_cap_seconds=0.001, retry_max_attempts=50, relay_batch_size=4
+    )
+    calls: Counter = Counter()
+
+    def bad_key_always_fails(event: TestEvent, envelope: Envelope) -> None:
+        calls[event.key] += 1
+        if event.key.endswith("00000"):
+            raise RuntimeError("always")
+
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(bad_key_always_fails)))
+    keys = await append(relay.system, 12, 1)
+    for _ in range(6):  # the first batch holds the bad key first: nothing before it re-runs
+        await db.execute("UPDATE outbox SET available_at = now() WHERE status = 'pending'")
+        await relay.run_once()
+
+    assert [calls[k] for k in keys[1:]] == [1] * 11  # no good delivery ran twice
+    assert calls[keys[0]] >= 3  # the bad one kept failing and being retried
+    assert await applied(db) == {k: [1] for k in keys[1:]}
