@@ -40,7 +40,6 @@ from litestar import Litestar, Response, get, post
 # against switchboard's event catalog before it runs, so a new subscription cannot go unnoticed).
 ORDER_PLACED_SUBSCRIBERS = (
     "orders.project_order_view",
-    "inventory.confirm_reservation",
     "payments.charge_order",
 )
 OUTBOX_CHANNEL = "switchboard_outbox"

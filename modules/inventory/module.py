@@ -5,7 +5,6 @@ from modules.inventory import api, handlers
 from modules.inventory.commands import AddStock, ReserveStock
 from modules.inventory.events import ReservationCommitted, ReservationReleased, StockAdded, StockReserved
 from modules.inventory.queries import GetStockLevel
-from modules.orders.events import OrderPlaced
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 
 module = Module(
@@ -13,7 +12,6 @@ module = Module(
     commands={AddStock: handlers.add_stock, ReserveStock: handlers.reserve_stock},
     queries={GetStockLevel: handlers.get_stock_level},
     subscriptions={
-        OrderPlaced: [Subscription("inventory.confirm_reservation", handlers.confirm_reservation)],
         PaymentCaptured: [Subscription("inventory.commit_reservation", handlers.commit_reservation)],
         PaymentDeclined: [Subscription("inventory.release_reservation", handlers.release_reservation)],
     },
