@@ -404,3 +404,29 @@ async def test_stopping_finishes_the_batch_in_hand_and_claims_nothing_more(db, s
     assert await applied(db) == {key: [1] for key in keys}
     rows = await db.fetch("SELECT status, attempts, locked_by FROM outbox WHERE status <> 'delivered'")
     assert [tuple(r) for r in rows] == [("pending", 0, None)] * 2
+
+
+async def test_while_a_batch_is_in_its_handlers_the_next_batches_are_claimed_and_delivered(db, settings):
+    settings = replace(settings, relay_batch_size=3)
+    release = asyncio.Event()
+
+    async def first_key_waits(event: TestEvent, envelope: Envelope) -> None:
+        if event.key.endswith("00000"):
+            await release.wait()
+
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(first_key_waits)))
+    keys = await append(relay.system, 9, 1)
+    relay.start()
+
+    async def later_batches_delivered() -> bool:
+        return await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'delivered'") == 6
+
+    await wait_until(later_batches_delivered, what="the batches after the stuck one to be delivered")
+    # the first batch (keys 0-2, one subscriber: one group, in turn) is still held by key 0
+    held = await db.fetch("SELECT partition_key, status FROM outbox WHERE status <> 'delivered' ORDER BY id")
+    assert [tuple(r) for r in held] == [(k, "inflight") for k in keys[:3]]
+    release.set()
+    await relay.stop(grace=10)
+
+    assert await applied(db) == {key: [1] for key in keys}
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
