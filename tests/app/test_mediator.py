@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from aiobreaker import CircuitBreakerState
+from prometheus_client import generate_latest
 
 from app import bootstrap as bootstrap_module
 from app.bootstrap import _check_handled, bootstrap
@@ -119,6 +120,83 @@ async def test_a_handler_that_answers_before_the_deadline_returns_its_result():
     assert await m.ask(Lookup()) == "ok"
 
 
+async def test_a_call_that_hangs_after_a_quiet_spell_still_times_out():
+    handler = Recorder(lambda: asyncio.sleep(0.01, "ok"))
+    m = mediator({Ping: handler}, default_timeout=0.05)
+    assert await m.send(Ping()) == "ok"
+    await asyncio.sleep(0.1)  # nothing in flight: the deadline sweeper has stopped
+    handler.behaviour = block_on(asyncio.Event())
+
+    with pytest.raises(Unavailable, match="deadline"):
+        await asyncio.wait_for(m.send(Ping()), WAIT)
+
+
+async def test_a_call_cancelled_from_outside_is_cancelled_not_timed_out():
+    handler = Recorder(block_on(asyncio.Event()))
+    m = mediator({Ping: handler}, default_timeout=60.0)
+    call = asyncio.create_task(m.send(Ping()))
+    await asyncio.wait_for(handler.reached(1).wait(), WAIT)
+
+    call.cancel()
+
+    done, _ = await asyncio.wait({call}, timeout=WAIT)
+    assert call in done and call.cancelled()
+    assert m.breakers["target"].fail_counter == 0
+
+
+async def test_a_call_cancelled_from_outside_as_its_deadline_passes_is_cancelled_not_timed_out():
+    async def cancelled_twice(message: Ping) -> None:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:  # the deadline's cancellation; now the task's owner cancels too
+            asyncio.current_task().cancel()
+            raise
+
+    m = mediator({Ping: cancelled_twice}, default_timeout=0.05)
+    call = asyncio.create_task(m.send(Ping()))
+
+    done, _ = await asyncio.wait({call}, timeout=WAIT)
+    assert call in done and call.cancelled()
+
+
+async def test_a_handler_that_swallows_the_deadlines_cancellation_leaves_no_cancel_request_behind():
+    async def stubborn(message: Ping) -> str:
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            pass
+        return "answered anyway"
+
+    m = mediator({Ping: stubborn}, default_timeout=0.05)
+
+    async def send() -> tuple[str, int]:
+        answer = await m.send(Ping())
+        return answer, asyncio.current_task().cancelling()
+
+    assert await asyncio.wait_for(asyncio.create_task(send()), WAIT) == ("answered anyway", 0)
+
+
+async def test_a_loop_stall_past_both_deadlines_still_blames_the_nested_calls_module():
+    never = asyncio.Event()
+
+    async def stall_then_hang(message: Lookup) -> None:
+        time.sleep(0.15)  # noqa: ASYNC251  # blocks the loop past the inner and the outer deadline
+        await never.wait()
+
+    async def call_inner(message: Ping) -> None:
+        await m.send(Lookup())
+
+    m = Mediator(
+        {Ping: ("outer", call_inner), Lookup: ("inner", stall_then_hang)}, default_timeout=0.1, breaker_fail_max=1
+    )
+
+    with pytest.raises(Unavailable) as raised:
+        await asyncio.wait_for(m.send(Ping()), WAIT)
+
+    assert raised.value.module == "inner"
+    assert m.breakers["outer"].current_state is CircuitBreakerState.CLOSED
+
+
 # --- circuit breaker ------------------------------------------------------------------------
 
 
@@ -141,6 +219,19 @@ async def test_failures_below_fail_max_reach_the_caller_as_the_handlers_own_erro
     for _ in range(2):
         with pytest.raises(RuntimeError):
             await m.send(Ping())
+
+    assert m.breakers["target"].current_state is CircuitBreakerState.CLOSED
+
+
+async def test_a_success_resets_the_count_of_consecutive_failures():
+    handler = Recorder(fail_with(RuntimeError("boom")))
+    m = mediator({Ping: handler}, breaker_fail_max=3)
+    await trip(m, Ping(), 2)
+    handler.behaviour = None
+    assert await m.send(Ping()) == "ok"
+    handler.behaviour = fail_with(RuntimeError("boom again"))
+
+    await trip(m, Ping(), 2)
 
     assert m.breakers["target"].current_state is CircuitBreakerState.CLOSED
 
@@ -280,6 +371,32 @@ async def test_a_full_bulkhead_in_one_module_does_not_refuse_another_modules_cal
     finally:
         release.set()
         await asyncio.wait_for(blocked, WAIT)
+
+
+# --- metrics --------------------------------------------------------------------------------
+
+
+class Tally(Command):
+    """A test command counted only by the metrics test (the series are process-wide)."""
+
+
+async def test_each_call_is_counted_by_outcome_and_timed_in_the_prometheus_series():
+    handler = Recorder()
+    m = mediator({Tally: handler}, module="metered")
+    await m.send(Tally())
+    await m.send(Tally())
+    handler.behaviour = fail_with(CommandRejected("no"))
+    with pytest.raises(CommandRejected):
+        await m.send(Tally())
+
+    text = generate_latest().decode()
+
+    labels = 'message="Tally",module="metered"'
+    assert f'switchboard_mediator_calls_total{{{labels},outcome="ok"}} 2.0' in text
+    assert f'switchboard_mediator_calls_total{{{labels},outcome="rejected"}} 1.0' in text
+    assert f'switchboard_mediator_calls_total{{{labels},outcome="unavailable"}} 0.0' in text
+    assert f'switchboard_mediator_seconds_bucket{{le="+Inf",{labels}}} 3.0' in text
+    assert f"switchboard_mediator_seconds_count{{{labels}}} 3.0" in text
 
 
 # --- inject ---------------------------------------------------------------------------------
