@@ -161,6 +161,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> 
 # After a handler failure its subscriber is delivered carefully (a savepoint per delivery) for
 # this long, so a subscriber that keeps failing does not keep re-running its good deliveries.
 CAREFUL_SECONDS = 30.0
+RUN_CONFLICT_RETRIES = 5  # a fast run that lost an optimistic-concurrency race is run again
 
 
 class _HandlerFailed(Exception):
@@ -365,15 +366,26 @@ class Relay:
         """Deliver one subscriber's rows on one connection: optimistically several to a
         transaction without savepoints (`_deliver_run`); when a handler fails, the run rolls back
         and its rows go through `_deliver_careful` (a savepoint each) -- except the failed one,
-        whose error is its outcome -- and so does the subscriber for CAREFUL_SECONDS."""
+        whose error is its outcome -- and so does the subscriber for CAREFUL_SECONDS. A lost
+        optimistic-concurrency race is no failure: the run is run again."""
         subscriber = rows[0]["subscriber"]
         if self._careful_until.get(subscriber, 0.0) > time.monotonic():
             return await self._deliver_careful(rows)
         outcomes: list[Outcome] = []
         try:
             seen = {r[0] for r in await self.db.fetch(INBOX_SEEN_SQL, subscriber, [r["message_id"] for r in rows])}
+            conflicts = 0
             while rows:
-                done, rows = await self._deliver_run(subscriber, rows, seen)
+                try:
+                    done, rows = await self._deliver_run(subscriber, rows, seen)
+                except _HandlerFailed as failed:
+                    if not isinstance(failed.error, ConcurrencyError) or conflicts == RUN_CONFLICT_RETRIES:
+                        raise
+                    # A stream changed under a handler (e.g. POST /orders reserved the same
+                    # stock): not a failure. The run rolled back; run it again on fresh state.
+                    conflicts += 1
+                    await asyncio.sleep(random.uniform(0, 0.002 * conflicts))
+                    continue
                 outcomes += done
         except _HandlerFailed as failed:
             i, error = failed.index, failed.error

@@ -12,7 +12,7 @@ from modules.inventory.events import ReservationCommitted, ReservationReleased, 
 
 class Stock(Aggregate):
     stream_type = "stock"
-    snapshot_every = 100  # a SKU's stream grows by two events per order: never replay all of it
+    snapshot_every = 25  # a SKU's stream grows by two events per order: a load reads <= 25 events
 
     def __init__(self, id: str) -> None:
         super().__init__(id)

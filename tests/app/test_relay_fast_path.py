@@ -136,3 +136,28 @@ async def test_after_a_failure_the_subscriber_is_delivered_carefully_so_good_del
     assert [calls[k] for k in keys[1:]] == [1] * 11  # no good delivery ran twice
     assert calls[keys[0]] >= 3  # the bad one kept failing and being retried
     assert await applied(db) == {k: [1] for k in keys[1:]}
+
+
+async def test_a_concurrency_conflict_runs_the_run_again_without_spending_an_attempt_or_going_careful(
+    db, settings
+):
+    from app.messages import ConcurrencyError
+
+    conflicted: list[str] = []
+
+    def conflict_once_on_the_second(event: TestEvent, envelope: Envelope) -> None:
+        if event.key.endswith("00001") and not conflicted:
+            conflicted.append(event.key)
+            raise ConcurrencyError("stream changed concurrently")
+
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(conflict_once_on_the_second)))
+    keys = await append(relay.system, 4, 1)
+
+    assert await relay.run_once() == 4
+
+    assert conflicted == [keys[1]]
+    assert await applied(db) == {key: [1] for key in keys}
+    assert set((await effect_counts(db)).values()) == {1}
+    rows = await db.fetch("SELECT status, attempts FROM outbox ORDER BY id")
+    assert [tuple(r) for r in rows] == [("delivered", 1)] * 4
+    assert relay._careful_until == {}  # still on the fast path
