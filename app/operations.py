@@ -7,12 +7,19 @@ from typing import Any
 
 from app.db import OUTBOX_CHANNEL, Database
 
+# 'inflight' is a pending row under a live lease (a relay is delivering it); the table keeps such
+# rows 'pending' so that claiming one changes no indexed column (see app/relay.py CLAIM_SQL).
 STATUS_SQL = """
+WITH o AS (
+    SELECT subscriber, attempts, created_at, available_at,
+           CASE WHEN status = 'pending' AND locked_until > now() THEN 'inflight' ELSE status END AS status
+    FROM outbox
+)
 SELECT subscriber, status, count(*) AS rows, max(attempts) AS max_attempts,
        extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds,
        extract(epoch FROM now() - min(available_at)
                FILTER (WHERE status = 'pending' AND available_at <= now()))::float8 AS oldest_due_seconds
-FROM outbox GROUP BY subscriber, status ORDER BY subscriber, status
+FROM o GROUP BY subscriber, status ORDER BY subscriber, status
 """
 
 # A key is parked while a dead row heads it; rows arriving later wait behind it too.

@@ -43,10 +43,17 @@ LAG = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
 
+# A claimed row stays 'pending' and gets a lease (locked_by, locked_until): no indexed column
+# changes, so the claim is a HOT update (no index entries; the table's fillfactor leaves room on
+# the page) -- it was the relay's costliest statement as a status change. A row is claimable when
+# due and not leased, or when its lease expired (its relay died or stalled): such a claim records
+# why the earlier attempt ended without an outcome. Per key, a row waits until every earlier
+# row of its key is delivered (leased rows hold their key's later rows back).
 CLAIM_SQL = """
 WITH due AS (
     SELECT o.id FROM outbox o
     WHERE o.status = 'pending' AND o.available_at <= now() AND o.subscriber = ANY($1::text[])
+      AND (o.locked_until IS NULL OR o.locked_until < now())
       AND NOT EXISTS (
           SELECT 1 FROM outbox p
           WHERE p.subscriber = o.subscriber AND p.partition_key = o.partition_key AND p.id < o.id
@@ -56,23 +63,19 @@ WITH due AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE outbox o
-SET status = 'inflight', attempts = o.attempts + 1, locked_by = $3,
-    locked_until = now() + make_interval(secs => $4)
+SET attempts = o.attempts + 1, locked_by = $3, locked_until = now() + make_interval(secs => $4),
+    last_error = CASE WHEN o.locked_until IS NULL THEN o.last_error
+                      ELSE 'lease expired: relay ' || o.locked_by || ' stopped without an outcome' END,
+    first_failed_at = CASE WHEN o.locked_until IS NULL THEN o.first_failed_at
+                           ELSE coalesce(o.first_failed_at, now()) END
 FROM due WHERE o.id = due.id
 RETURNING o.id, o.message_id, o.position, o.subscriber, o.type, o.payload, o.headers, o.attempts,
           extract(epoch FROM now() - o.created_at) AS age
 """
 
-RECLAIM_SQL = """
-UPDATE outbox SET status = 'pending', locked_by = NULL, locked_until = NULL,
-    last_error = 'lease expired: relay ' || locked_by || ' stopped without an outcome',
-    first_failed_at = coalesce(first_failed_at, now())
-WHERE status = 'inflight' AND locked_until < now()
-"""
-
 EXTEND_SQL = """
 UPDATE outbox SET locked_until = now() + make_interval(secs => $3)
-WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
 """
 
 # Settling touches only rows this relay still holds: if its lease lapsed and another relay took a
@@ -80,22 +83,22 @@ WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
 # ack is not needed: the inbox makes the new holder acknowledge without running the handler).
 ACK_SQL = """
 UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
-WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
 """
 
 RETRY_SQL = """
-UPDATE outbox o SET status = 'pending', locked_by = NULL, locked_until = NULL,
+UPDATE outbox o SET locked_by = NULL, locked_until = NULL,
     available_at = now() + make_interval(secs => f.delay), last_error = f.error,
     first_failed_at = coalesce(o.first_failed_at, now())
 FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS f(id, delay, error)
-WHERE o.id = f.id AND o.locked_by = $4 AND o.status = 'inflight'
+WHERE o.id = f.id AND o.locked_by = $4 AND o.status = 'pending'
 """
 
 # Handing rows back (graceful stop, or the batch was cancelled): the attempt never reached an
 # outcome and its transaction rolled back, so it does not count against max_attempts.
 RELEASE_SQL = """
-UPDATE outbox SET status = 'pending', locked_by = NULL, locked_until = NULL, attempts = greatest(attempts - 1, 0)
-WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+UPDATE outbox SET locked_by = NULL, locked_until = NULL, attempts = greatest(attempts - 1, 0)
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
 """
 
 # Park the row as a dead letter and park its key's later rows behind it (ordered dead-lettering).
@@ -103,7 +106,7 @@ DEAD_LETTER_SQL = """
 WITH dead AS (
     UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL, last_error = $2,
         first_failed_at = coalesce(first_failed_at, now())
-    WHERE id = $1 AND locked_by = $7 AND status = 'inflight'
+    WHERE id = $1 AND locked_by = $7 AND status = 'pending'
     RETURNING *
 ), letter AS (
     INSERT INTO dead_letters (outbox_id, message_id, position, subscriber, type, partition_key, payload,
@@ -128,9 +131,12 @@ SELECT id FROM letter
 PURGE_SQL = """
 DELETE FROM outbox WHERE id IN (
     SELECT id FROM outbox WHERE status = 'delivered' AND delivered_at < now() - make_interval(secs => $1)
-    LIMIT 5000
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED  -- every relay purges: never wait on another's batch
 )
 """
+PURGE_BATCH = 5000
+PURGE_ROUNDS = 20
 
 # In the delivery's savepoint: a row comes back if the message is new to this subscriber; a
 # failed delivery rolls its inbox row back with its effects.
@@ -149,7 +155,7 @@ WITH seen AS (
     INSERT INTO inbox (subscriber, message_id) SELECT $3, unnest($4::uuid[])
 )
 UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
-WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'inflight'
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
 """
 
 
@@ -217,7 +223,6 @@ class Relay:
         self._stopping = False
         self._task: asyncio.Task | None = None
         self._listener: asyncpg.Connection | None = None
-        self._last_reclaim = 0.0
         self._careful_until: dict[str, float] = {}  # subscriber -> delivered carefully until then
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -249,6 +254,7 @@ class Relay:
         winner took (measured with two claim loops: claims 8x slower, P1 capacity 750 -> 375).
         Per-key order holds across batches: a row in flight holds back its key's later rows."""
         in_flight: set[asyncio.Task] = set()
+        purger = asyncio.create_task(self._purge_forever())
         try:
             while not self._stopping:
                 claimed = 0
@@ -271,6 +277,7 @@ class Relay:
             if in_flight:  # a graceful stop: finish the batches in hand (stop() bounds the wait)
                 await asyncio.wait(in_flight)
         finally:
+            purger.cancel()
             for task in in_flight:  # cancelled: each hands its unsettled rows back
                 task.cancel()
             if in_flight:
@@ -278,6 +285,28 @@ class Relay:
             if self._listener is not None:
                 with contextlib.suppress(Exception):
                     await self._listener.close()
+
+    async def purge_delivered(self, rounds: int = PURGE_ROUNDS) -> int:
+        """Delete delivered rows older than the retention period, PURGE_BATCH at a time (short
+        statements), until none are left or `rounds` batches went. Returns how many went."""
+        purged = 0
+        for _ in range(rounds):
+            status = await self.db.execute(PURGE_SQL, self.retention_seconds, PURGE_BATCH)
+            deleted = int(status.rsplit(" ", 1)[1])
+            purged += deleted
+            if deleted < PURGE_BATCH:
+                break
+        return purged
+
+    async def _purge_forever(self) -> None:
+        """Once a second: up to PURGE_ROUNDS x PURGE_BATCH rows a second, far above what the relay
+        delivers, so the table does not grow past the retention period."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.purge_delivered()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("relay %s: could not purge delivered rows: %s", self.instance_id, error)
 
     def _delivered_batch(self, in_flight: set[asyncio.Task]):
         def done(task: asyncio.Task) -> None:
@@ -297,28 +326,22 @@ class Relay:
         """Deliver until nothing is due (rows waiting for a later retry stay). For tests and tools."""
         delivered = 0
         async with asyncio.timeout(timeout):
-            while claimed := await self.run_once(reclaim=True):
+            while claimed := await self.run_once():
                 delivered += claimed
         return delivered
 
     # -- one cycle -------------------------------------------------------------------------------
 
-    async def run_once(self, reclaim: bool = False) -> int:
+    async def run_once(self) -> int:
         """Claim one batch, deliver it, settle every row. Returns how many rows were claimed."""
-        batch = await self._claim(reclaim)
+        batch = await self._claim()
         if batch is None:
             return 0
         await self._deliver_batch(batch)
         return len(batch.rows)
 
-    async def _claim(self, reclaim: bool = False) -> _Batch | None:
-        """Claim due rows (after taking back expired leases and purging old delivered rows, at
-        most once a second); their leases are kept from now until the batch is settled."""
-        now = time.monotonic()
-        if reclaim or now - self._last_reclaim > 1.0:
-            self._last_reclaim = now
-            await self.db.execute(RECLAIM_SQL)
-            await self.db.execute(PURGE_SQL, self.retention_seconds)
+    async def _claim(self) -> _Batch | None:
+        """Claim due rows; their leases are kept from now until the batch is settled."""
         if not self.subscribers:
             return None
         async with self.db.acquire() as conn, conn.transaction():

@@ -81,7 +81,7 @@ def profiles() -> dict[str, Profile]:
         "quick": Profile(
             "quick",
             base,
-            relay_events=10_000,
+            relay_events=30_000,
             lag_rate=1000,
             lag_duration=5,
             procrastinate_jobs=1500,

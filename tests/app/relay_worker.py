@@ -161,7 +161,7 @@ async def deliver_everything(relay: Relay, seconds: float = 10.0) -> None:
 
     async def settled() -> bool:
         await relay.drain(seconds)
-        left = await relay.db.fetchval("SELECT count(*) FROM outbox WHERE status IN ('pending', 'inflight')")
+        left = await relay.db.fetchval("SELECT count(*) FROM outbox WHERE status = 'pending'")
         return left == 0
 
     await wait_until(settled, seconds, "the outbox to settle")

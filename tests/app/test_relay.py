@@ -181,7 +181,7 @@ async def test_a_row_whose_relays_keep_dying_is_dead_lettered_without_running_ag
     relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(calls(log))))
     await append(relay.system, 1, 1)
     await db.execute(
-        "UPDATE outbox SET status = 'inflight', attempts = 3, locked_by = 'ghost',"
+        "UPDATE outbox SET attempts = 3, locked_by = 'ghost',"
         " locked_until = now() - interval '1 s'"
     )
 
@@ -194,24 +194,28 @@ async def test_a_row_whose_relays_keep_dying_is_dead_lettered_without_running_ag
 # -- leases -------------------------------------------------------------------------------------
 
 
-async def test_an_expired_lease_is_reclaimed_with_the_reason_recorded(db, settings):
-    system = build_system(settings, db)
-    await append(system, 1, 1)
-    await db.execute(
-        "UPDATE outbox SET status = 'inflight', attempts = 1, locked_by = 'ghost',"
-        " locked_until = now() - interval '1 s'"
-    )
+async def test_a_row_whose_lease_expired_is_claimed_again_with_the_reason_recorded(db, settings):
+    log: list = []
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(calls(log))))
+    [key] = await append(relay.system, 1, 1)
+    await db.execute("UPDATE outbox SET attempts = 1, locked_by = 'ghost', locked_until = now() - interval '1 s'")
 
-    await Relay(system, instance_id="janitor", subscribers=[]).run_once(reclaim=True)
+    assert await relay.run_once() == 1
 
-    row = await db.fetchrow("SELECT status, locked_by, locked_until, attempts, last_error FROM outbox")
-    assert (row["status"], row["locked_by"], row["locked_until"], row["attempts"]) == (
-        "pending",
-        None,
-        None,
-        1,
-    )
+    assert log == [(key, 1, 2)]  # the second attempt
+    row = await db.fetchrow("SELECT status, locked_by, attempts, last_error, first_failed_at FROM outbox")
+    assert (row["status"], row["locked_by"], row["attempts"]) == ("delivered", None, 2)
     assert row["last_error"].startswith("lease expired: relay ghost")
+    assert row["first_failed_at"] is not None
+
+
+async def test_a_row_whose_lease_has_not_expired_is_not_claimed(db, settings):
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder()))
+    await append(relay.system, 1, 1)
+    await db.execute("UPDATE outbox SET attempts = 1, locked_by = 'ghost', locked_until = now() + interval '1 min'")
+
+    assert await relay.run_once() == 0
+    assert await db.fetchval("SELECT locked_by FROM outbox") == "ghost"
 
 
 async def test_a_relay_keeps_extending_the_lease_of_a_slow_handler_so_no_other_relay_takes_the_row(
@@ -239,7 +243,7 @@ async def test_a_relay_keeps_extending_the_lease_of_a_slow_handler_so_no_other_r
         5,
         "the lease to be extended",
     )
-    assert await other.run_once(reclaim=True) == 0
+    assert await other.run_once() == 0
     release.set()
     assert await first == 1
 
@@ -263,7 +267,7 @@ async def test_a_relay_that_lost_its_lease_does_not_dead_letter_the_row_another_
     first = asyncio.create_task(stalled.run_once())
     await asyncio.wait_for(entered.wait(), 10)
     await db.execute("UPDATE outbox SET locked_until = now() - interval '1 s'")  # it stalled past its lease
-    second = asyncio.create_task(healthy.run_once(reclaim=True))
+    second = asyncio.create_task(healthy.run_once())
     await wait_until(
         lambda: db.fetchval("SELECT locked_by = 'relay-healthy' FROM outbox ORDER BY id LIMIT 1")
     )
@@ -288,7 +292,7 @@ async def test_a_row_applied_by_relays_that_died_before_acknowledging_is_acknowl
     await append(relay.system, 1, 1)
     await db.execute("INSERT INTO inbox (subscriber, message_id) SELECT subscriber, message_id FROM outbox")
     await db.execute(
-        "UPDATE outbox SET status = 'inflight', attempts = 3, locked_by = 'ghost',"
+        "UPDATE outbox SET attempts = 3, locked_by = 'ghost',"
         " locked_until = now() - interval '1 s'"
     )
 
@@ -376,7 +380,7 @@ async def test_stopping_releases_the_rows_whose_handlers_did_not_finish_in_time(
     await append(relay.system, 3, 1)
     relay.start()
     await asyncio.wait_for(entered.wait(), 10)
-    assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'inflight'") == 3
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE locked_by IS NOT NULL") == 3
 
     await relay.stop(grace=0.2)
 
@@ -423,10 +427,39 @@ async def test_while_a_batch_is_in_its_handlers_the_next_batches_are_claimed_and
 
     await wait_until(later_batches_delivered, what="the batches after the stuck one to be delivered")
     # the first batch (keys 0-2, one subscriber: one group, in turn) is still held by key 0
-    held = await db.fetch("SELECT partition_key, status FROM outbox WHERE status <> 'delivered' ORDER BY id")
-    assert [tuple(r) for r in held] == [(k, "inflight") for k in keys[:3]]
+    held = await db.fetch("SELECT partition_key, locked_by FROM outbox WHERE status <> 'delivered' ORDER BY id")
+    assert [tuple(r) for r in held] == [(k, "relay-test") for k in keys[:3]]
     release.set()
     await relay.stop(grace=10)
 
     assert await applied(db) == {key: [1] for key in keys}
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+async def test_delivered_rows_past_the_retention_period_are_purged_in_batches_and_nothing_else(
+    db, settings, monkeypatch
+):
+    import app.relay
+
+    monkeypatch.setattr(app.relay, "PURGE_BATCH", 4)
+    settings = replace(settings, outbox_retention_seconds=60.0)
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder()))
+    await append(relay.system, 13, 1)
+    await relay.drain()
+    old = await db.fetch("SELECT id FROM outbox ORDER BY id LIMIT 10")
+    await db.execute(
+        "UPDATE outbox SET delivered_at = now() - interval '61 s' WHERE id = ANY($1::bigint[])",
+        [r["id"] for r in old],
+    )
+    await db.execute("UPDATE outbox SET status = 'pending', delivered_at = NULL WHERE id = $1", old[0]["id"])
+
+    assert await relay.purge_delivered(rounds=2) == 8  # two batches of 4, then it stops for now
+    assert await relay.purge_delivered() == 1
+
+    left = await db.fetch("SELECT id, status FROM outbox ORDER BY id")
+    assert [r["id"] for r in left] == [old[0]["id"]] + [r["id"] for r in left[1:]]
+    assert len(left) == 13 - 9  # the 3 recent delivered rows and the undelivered one stay
+    assert [r["status"] for r in left] == ["pending"] + ["delivered"] * 3

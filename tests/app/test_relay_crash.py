@@ -58,7 +58,7 @@ async def kill(process: asyncio.subprocess.Process) -> None:
 
 
 async def held_by_worker(db) -> list:
-    return await db.fetch("SELECT id FROM outbox WHERE status = 'inflight' AND locked_by = 'worker-1'")
+    return await db.fetch("SELECT id FROM outbox WHERE status = 'pending' AND locked_by = 'worker-1'")
 
 
 async def deliver_with_second_relay(system) -> None:

@@ -69,7 +69,7 @@ async def test_a_replica_killed_mid_load_loses_no_accepted_order(cluster: Cluste
     async def crash_and_restart() -> dict:
         await answered_third.wait()
         inflight = await db.fetchval(
-            "SELECT count(*) FROM outbox WHERE status = 'inflight' AND locked_by = $1", victim.instance_id
+            "SELECT count(*) FROM outbox WHERE status = 'pending' AND locked_by = $1", victim.instance_id
         )
         accepted_before = load.by_server[victim.name]
         old_instance = victim.instance_id
