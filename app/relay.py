@@ -168,6 +168,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> 
 # this long, so a subscriber that keeps failing does not keep re-running its good deliveries.
 CAREFUL_SECONDS = 30.0
 RUN_CONFLICT_RETRIES = 5  # a fast run that lost an optimistic-concurrency race is run again
+RUN_HOLD_SECONDS = 0.005  # a run that appended events commits once it has run this long
 
 
 class _HandlerFailed(Exception):
@@ -426,14 +427,17 @@ class Relay:
 
     async def _deliver_run(self, subscriber: str, rows: list, seen: set) -> tuple[list[Outcome], list]:
         """The fast path: the handlers in turn in one transaction, then their inbox rows and the
-        acknowledgement in one statement, and one COMMIT. Ends after a delivery that appended
-        events, returning the rest: stream appends (which other writers, e.g. POST /orders
-        reserving stock, may wait on) are never held across other deliveries. A handler error
-        rolls the whole run back and raises `_HandlerFailed`."""
+        acknowledgement in one statement, and one COMMIT. Once a delivery has appended events,
+        the run ends as soon as it has taken RUN_HOLD_SECONDS, returning the rest: appended
+        events hold their streams (another writer of one, e.g. POST /orders reserving stock,
+        waits for the commit), so a run holds them that long at most, plus one delivery. A
+        handler error rolls the whole run back and raises `_HandlerFailed`."""
         outcomes: list[Outcome] = []
         applied: list = []
         bound = self.system.subscriptions.get(subscriber)
         uow = self.system.uow()
+        began = time.perf_counter()
+        holds_streams = False
         async with uow:
             await uow.transaction()
             for i, row in enumerate(rows):
@@ -447,7 +451,8 @@ class Relay:
                         raise _HandlerFailed(i, error, time.perf_counter() - started) from error
                     applied.append(row["message_id"])
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
-                    if child.positions:
+                    holds_streams = holds_streams or bool(child.positions)
+                    if holds_streams and time.perf_counter() - began >= RUN_HOLD_SECONDS:
                         break
                 else:
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))

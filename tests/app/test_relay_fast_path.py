@@ -1,7 +1,8 @@
 """The relay's fast path: a run of one subscriber's deliveries in one transaction without
 savepoints, the inbox rows written in one statement. What must hold: a handler failure rolls the
 run back and costs nothing but a re-run of that run's earlier deliveries (each still applied
-once); a delivery that appends events commits at once and the rest of the run is still delivered;
+once); a run that appended events commits once it has held them RUN_HOLD_SECONDS, and the rest
+is still delivered;
 a subscriber that failed is delivered carefully (no re-runs) for a while."""
 
 from __future__ import annotations
@@ -82,9 +83,7 @@ class Echo(Aggregate):
         pass
 
 
-async def test_a_run_commits_after_a_delivery_that_appended_events_and_still_delivers_the_rest(db, settings):
-    ran: list[str] = []
-
+def echo_every_other_key(ran: list[str]):
     async def echo_every_other(event: TestEvent, uow: UnitOfWork, envelope: Envelope) -> None:
         ran.append(event.key)
         if int(event.key[-1]) % 2 == 0:
@@ -93,7 +92,25 @@ async def test_a_run_commits_after_a_delivery_that_appended_events_and_still_del
             uow.add(echo)
             await uow.commit()
 
-    relay = relay_for(settings, db, Subscription(SUBSCRIBER, echo_every_other))
+    return echo_every_other
+
+
+async def delivery_transactions(db) -> list[list[int]]:
+    """Which outbox rows (by number) were acknowledged in the same transaction."""
+    acks = await db.fetch("SELECT xmin::text AS tx FROM outbox ORDER BY id")
+    runs: dict[str, list[int]] = {}
+    for number, row in enumerate(acks):
+        runs.setdefault(row["tx"], []).append(number)
+    return sorted(runs.values())
+
+
+async def test_a_run_that_appended_events_commits_once_it_has_held_them_long_enough(db, settings, monkeypatch):
+    import app.relay
+
+    monkeypatch.setattr(app.relay, "RUN_HOLD_SECONDS", 0.0)  # commit after every delivery that appended
+    ran: list[str] = []
+
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, echo_every_other_key(ran)))
     keys = await append(relay.system, 8, 1)
 
     assert await relay.run_once() == 8
@@ -105,13 +122,25 @@ async def test_a_run_commits_after_a_delivery_that_appended_events_and_still_del
     assert await db.fetchval("SELECT count(*) FROM inbox WHERE subscriber = $1", SUBSCRIBER) == 8
     # runs end after each delivery that appended: acknowledgements and echoes committed together,
     # in the transactions {0}, {1, 2}, {3, 4}, {5, 6}, {7}
-    acks = await db.fetch("SELECT partition_key, xmin::text AS tx FROM outbox ORDER BY id")
-    runs: dict[str, list[int]] = {}
-    for number, row in enumerate(acks):
-        runs.setdefault(row["tx"], []).append(number)
-    assert sorted(runs.values()) == [[0], [1, 2], [3, 4], [5, 6], [7]]
+    assert await delivery_transactions(db) == [[0], [1, 2], [3, 4], [5, 6], [7]]
+    acks = await db.fetch("SELECT xmin::text AS tx FROM outbox ORDER BY id")
     echo_tx = await db.fetch("SELECT xmin::text AS tx FROM events WHERE type = 'testing.Echoed' ORDER BY position")
     assert [r["tx"] for r in echo_tx] == [acks[n]["tx"] for n in (0, 2, 4, 6)]
+
+
+async def test_a_quick_run_delivers_a_whole_group_in_one_transaction_appends_included(db, settings, monkeypatch):
+    import app.relay
+
+    monkeypatch.setattr(app.relay, "RUN_HOLD_SECONDS", 60.0)
+    ran: list[str] = []
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, echo_every_other_key(ran)))
+    keys = await append(relay.system, 8, 1)
+
+    assert await relay.run_once() == 8
+
+    assert ran == keys
+    assert await delivery_transactions(db) == [list(range(8))]
+    assert await db.fetchval("SELECT count(*) FROM events WHERE type = 'testing.Echoed'") == 4
 
 
 async def test_after_a_failure_the_subscriber_is_delivered_carefully_so_good_deliveries_do_not_rerun(
