@@ -12,9 +12,8 @@ Per request, on the switchboard schema (tables from `switchboard migrate`):
    subscriber of OrderPlaced, and `pg_notify` the relay channel;
 4. answer 201 with the same JSON fields, `Location` and `X-Switchboard-Position`.
 
-Two commits per order, like switchboard (reservation, then order). It differs from switchboard
-in round trips only: 3 here (read, reserve, place) against switchboard's 6 (read, BEGIN, insert
-reservations, append, COMMIT, append) — that difference is part of what the ratio measures.
+Two commits per order, like switchboard (reservation, then order), and three round trips, like
+switchboard (read; append + holds in one statement; append + outbox rows).
 No relay runs here: the outbox rows stay pending (switchboard delivers its own).
 
 Serve: `python -m bench.baseline --port 8100` (granian with the same options as `switchboard serve`:

@@ -19,6 +19,8 @@ from modules.payments.events import PaymentCaptured, PaymentDeclined
 
 log = logging.getLogger(__name__)
 
+RESERVATION_COLUMNS = {"order_id": "uuid", "sku": "text", "quantity": "int"}
+
 
 async def add_stock(cmd: AddStock, uow: UnitOfWork) -> None:
     async with uow:
@@ -38,12 +40,8 @@ async def reserve_stock(cmd: ReserveStock, uow: UnitOfWork) -> None:
             if stock is None:
                 raise UnknownSku(f"no stock was ever added for SKU {sku!r}")
             stock.reserve(cmd.order_id, quantity)  # raises InsufficientStock: nothing is kept
-        conn = await uow.transaction()
-        await conn.executemany(
-            "INSERT INTO inventory_reservations (order_id, sku, quantity) VALUES ($1, $2, $3)"
-            " ON CONFLICT DO NOTHING",
-            [(cmd.order_id, sku, quantity) for sku, quantity in wanted.items()],
-        )
+        # the holds ride in the statement that appends StockReserved: one round trip, atomic
+        uow.stage("inventory_reservations", RESERVATION_COLUMNS, [(cmd.order_id, s, q) for s, q in wanted.items()])
         await uow.commit()
 
 
