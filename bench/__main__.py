@@ -529,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         " (quick: p1,p2,mediator,remote; all: all six; smoke: p1,p2,mediator)",
     )
     p.add_argument("--connections", type=int, help="P1 keep-alive connections")
+    p.add_argument("--workers", type=int, help="P1 server worker processes (granian --workers), both apps")
     p.add_argument("--rates", type=float, nargs="+", help="P1 rates (req/s)")
     p.add_argument("--duration", type=float, help="P1 seconds per rate")
     p.add_argument("--skus", type=int, help="SKUs the orders spread over")
@@ -554,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.targets) - {"switchboard", "baseline", "switchboard-norelay"}:
         p.error("--targets: switchboard, baseline, switchboard-norelay (diagnosis: no relay in the process)")
     profile = profiles()[args.profile]
-    for name in ("connections", "rates", "duration", "skus"):
+    for name in ("connections", "rates", "duration", "skus", "workers"):
         if getattr(args, name) is not None:
             setattr(profile.p1, name, getattr(args, name))
     profile.p1.profile = args.pyspy
