@@ -262,7 +262,10 @@ class Relay:
     async def run(self) -> None:
         """Claim a batch and hand it to delivery, then claim the next at once if the batch was
         full, or on a wake-up (or after the poll interval) if not -- while earlier batches are
-        still in their handlers or their commits, up to BATCHES_IN_FLIGHT at a time. So rows
+        still in their handlers or their commits, up to BATCHES_IN_FLIGHT at a time (16: a few
+        batches waiting out a slow WAL flush must not stop the next from starting its handlers;
+        measured commit->handler lag p99 at 1,000 events/s, two runs each: 71 and 58 ms with 4,
+        49 and 43 ms with 16). So rows
         committed during a delivery are claimed without waiting for it (lag), and the database
         works on a claim while this process runs handlers (throughput). Never two claims at once:
         concurrent claims take the same head of the queue and the loser re-checks every row the
@@ -623,7 +626,7 @@ _decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 GROUP_SIZE = 50
-BATCHES_IN_FLIGHT = 4  # claimed batches being delivered at once by one relay (connections: `concurrency`)
+BATCHES_IN_FLIGHT = 16  # claimed batches being delivered at once by one relay (connections: `concurrency`)
 
 
 def _groups(rows: list) -> list[list]:
