@@ -456,7 +456,7 @@ class Relay:
             for i, row in enumerate(rows):
                 started = time.perf_counter()
                 if row["message_id"] not in seen:  # else applied before: just acknowledge
-                    child = uow.child()
+                    child = uow.child(defer_staged=True)
                     try:
                         async with asyncio.timeout(self.handler_timeout):
                             await self._apply(bound, child, row)
@@ -472,7 +472,7 @@ class Relay:
             acknowledged = await self._acknowledge(
                 uow.connection, [o.row["id"] for o in outcomes], (subscriber, applied)
             )
-            await uow.commit()
+            await uow.commit()  # writes the rows the run's handlers staged, one statement per table
         self.delivered += acknowledged
         return outcomes, rows[len(outcomes) :]
 

@@ -78,6 +78,14 @@ def _append_with(staged: list[_Staged]) -> str:
     return sql
 
 
+def _merged(staged: list[_Staged]) -> list[_Staged]:
+    """Entries for the same table and columns as one, rows in staging order."""
+    by_shape: dict[tuple, list[tuple]] = {}
+    for entry in staged:
+        by_shape.setdefault((entry.table, entry.columns), []).extend(entry.rows)
+    return [_Staged(table, columns, tuple(rows)) for (table, columns), rows in by_shape.items()]
+
+
 def _columns_of(staged: list[_Staged]) -> list[list]:
     """The staged rows as one array per column, in statement parameter order."""
     return [[row[i] for row in entry.rows] for entry in staged for i in range(len(entry.columns))]
@@ -133,14 +141,20 @@ class UnitOfWork:
         self._published = False  # outbox rows written, to announce once the transaction commits
         self._parent: UnitOfWork | None = None
         self._staged: list[_Staged] = []
+        self._defer_staged = False
 
-    def child(self) -> UnitOfWork:
+    def child(self, *, defer_staged: bool = False) -> UnitOfWork:
         """A unit inside this unit's open transaction, with its own identity map. The relay gives
         one to each delivery of a batch: the delivery's writes commit with the batch, and a failed
-        delivery (rolled back to its savepoint) leaves no stale aggregate behind for the next."""
+        delivery (rolled back to its savepoint) leaves no stale aggregate behind for the next.
+
+        `defer_staged`: rows the child stages without events go to this unit, which writes those
+        of all its children set-based (one statement per table) when it commits -- for the relay's
+        fast runs, whose deliveries commit or roll back all together anyway."""
         assert self._tx is not None, "begin the transaction first: await uow.transaction()"
         child = UnitOfWork(self._db, self._catalog)
         child._conn, child._tx, child._depth, child._parent = self._conn, self._tx, 1, self
+        child._defer_staged = defer_staged
         return child
 
     async def __aenter__(self) -> UnitOfWork:
@@ -207,10 +221,13 @@ class UnitOfWork:
         self._seen[(type(aggregate), aggregate.id)] = aggregate
 
     def stage(self, table: str, columns: Mapping[str, str], rows: Iterable[Sequence[Any]]) -> None:
-        """Insert `rows` into a module table (`columns`: name -> PostgreSQL type) with the next
-        commit's events: in the same statement -- one round trip, no explicit transaction --
-        so they commit or roll back together. Rows that conflict with existing ones are skipped
-        (ON CONFLICT DO NOTHING). Table and column names are code, never input: checked here."""
+        """Insert `rows` into a module table (`columns`: name -> PostgreSQL type) on the next
+        commit: with its events in the same statement -- one round trip, no explicit transaction,
+        committed or rolled back together -- or, without events, in a statement of their own (in a
+        relay's fast run: with the whole run's rows for that table, set-based). Staged rows are
+        not visible before that commit, not even to this unit. Rows that conflict with existing
+        ones are skipped (ON CONFLICT DO NOTHING). Table and column names are code, never input:
+        checked here."""
         for name in (table, *columns):
             if not _IDENTIFIER.fullmatch(name):
                 raise ValueError(f"not a plain lower-case SQL identifier: {name!r}")
@@ -225,14 +242,17 @@ class UnitOfWork:
         # One lock order for every unit: two units touching the same streams queue, not deadlock.
         pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
         if pending or self._staged:
-            if self._depth > 1 or self._tx is not None:
-                await self.transaction()
             staged, self._staged = self._staged, []
-            if pending:
-                self.positions.extend(await self._append(pending, staged))
+            if not pending and self._defer_staged:
+                self._parent._staged.extend(staged)  # type: ignore[union-attr]  # written with the parent's
             else:
-                for entry in staged:
-                    await self.connection.execute(_staged_insert(entry, 1), *_columns_of([entry]))
+                if self._depth > 1 or self._tx is not None:
+                    await self.transaction()
+                if pending:
+                    self.positions.extend(await self._append(pending, staged))
+                else:
+                    for entry in _merged(staged):
+                        await self.connection.execute(_staged_insert(entry, 1), *_columns_of([entry]))
         if self._depth <= 1 and self._parent is None:  # a child's writes commit with its parent
             if self._tx is not None:
                 tx, self._tx = self._tx, None

@@ -10,6 +10,9 @@ from modules.notifications.queries import ListNotifications, NotificationView
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 
 
+NOTIFICATION_COLUMNS = {"order_id": "uuid", "kind": "text", "message": "text", "message_id": "uuid"}
+
+
 async def notify_customer(event: Event, uow: UnitOfWork, envelope: Envelope) -> None:
     match event:
         case PaymentCaptured():
@@ -18,14 +21,9 @@ async def notify_customer(event: Event, uow: UnitOfWork, envelope: Envelope) -> 
             kind, message = "payment_declined", f"Your payment was declined ({reason}); the order is cancelled."
         case _:
             return
-    conn = await uow.transaction()
-    await conn.execute(
-        "INSERT INTO notifications_sent (order_id, kind, message, message_id) VALUES ($1, $2, $3, $4)",
-        event.order_id,
-        kind,
-        message,
-        envelope.message_id,
-    )
+    # staged: the relay writes a run's notifications in one statement, with the run's commit
+    uow.stage("notifications_sent", NOTIFICATION_COLUMNS, [(event.order_id, kind, message, envelope.message_id)])
+    await uow.commit()
 
 
 async def list_notifications(query: ListNotifications, db: Database) -> list[NotificationView]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import msgspec
 
 from app.consistency import wait_until_applied
@@ -16,23 +18,36 @@ VIEW = "orders.project_order_view"  # the subscription name, also the read-your-
 _encode = msgspec.json.Encoder().encode
 
 
+VIEW_COLUMNS = {
+    "order_id": "uuid",
+    "customer_id": "text",
+    "status": "text",
+    "items": "jsonb",
+    "payment_method": "text",
+    "version": "int",
+    "placed_at": "timestamptz",
+}
+
+
 async def project_order_view(event: Event, uow: UnitOfWork) -> None:
-    conn = await uow.transaction()
     match event:
         case OrderPlaced():
-            await conn.execute(
-                "INSERT INTO orders_view (order_id, customer_id, status, items, payment_method, version, placed_at)"
-                " VALUES ($1, $2, 'placed', $3, $4, 1, coalesce($5, now())) ON CONFLICT (order_id) DO NOTHING",
+            # staged: the relay writes a run's new rows in one statement, with the run's commit
+            row = (
                 event.order_id,
                 event.customer_id,
+                "placed",
                 _encode(event.lines).decode(),
                 event.payment_method,
-                event.placed_at,
+                1,
+                event.placed_at or datetime.now(UTC),
             )
+            uow.stage("orders_view", VIEW_COLUMNS, [row])
+            await uow.commit()
         case OrderPaid():
-            await _set_status(conn, event.order_id, "paid")
+            await _set_status(await uow.transaction(), event.order_id, "paid")
         case OrderPaymentDeclined():
-            await _set_status(conn, event.order_id, "payment_declined")
+            await _set_status(await uow.transaction(), event.order_id, "payment_declined")
 
 
 async def _set_status(conn, order_id, status: str) -> None:

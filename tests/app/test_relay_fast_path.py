@@ -190,3 +190,48 @@ async def test_a_concurrency_conflict_runs_the_run_again_without_spending_an_att
     rows = await db.fetch("SELECT status, attempts FROM outbox ORDER BY id")
     assert [tuple(r) for r in rows] == [("delivered", 1)] * 4
     assert relay._careful_until == {}  # still on the fast path
+
+
+# no unique constraint but the surrogate key: a row written twice shows as two rows
+STAGE_DDL = """
+CREATE TABLE IF NOT EXISTS relay_test_staged (id bigserial PRIMARY KEY, message_id uuid NOT NULL, key text NOT NULL)
+"""
+
+
+def staging(fail_key: str | None = None, failed: list | None = None):
+    async def stage(event: TestEvent, uow: UnitOfWork, envelope: Envelope) -> None:
+        uow.stage("relay_test_staged", {"message_id": "uuid", "key": "text"}, [(envelope.message_id, event.key)])
+        await uow.commit()
+        if event.key == fail_key and failed is not None and not failed:
+            failed.append(event.key)
+            raise RuntimeError("after staging")
+
+    return stage
+
+
+async def test_rows_staged_by_a_runs_handlers_are_written_with_the_run_in_one_statement(db, settings):
+    await db.execute(STAGE_DDL)
+    await db.execute("TRUNCATE relay_test_staged")
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, staging()))
+    keys = await append(relay.system, 6, 1)
+
+    assert await relay.run_once() == 6
+
+    rows = await db.fetch("SELECT key, xmin::text AS tx FROM relay_test_staged ORDER BY key")
+    assert [r["key"] for r in rows] == keys
+    assert await delivery_transactions(db) == [list(range(6))]  # one run
+    acked_in = await db.fetchval("SELECT DISTINCT xmin::text FROM outbox")
+    assert {r["tx"] for r in rows} == {acked_in}  # written by the run's transaction
+
+
+async def test_rows_staged_in_a_run_that_rolls_back_are_written_once_by_the_redelivery(db, settings):
+    await db.execute(STAGE_DDL)
+    await db.execute("TRUNCATE relay_test_staged")
+    failed: list = []
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, staging("ticker-00003", failed)))
+    keys = await append(relay.system, 6, 1)
+
+    await deliver_everything(relay)
+
+    assert failed == ["ticker-00003"]
+    assert [r["key"] for r in await db.fetch("SELECT key FROM relay_test_staged ORDER BY key")] == keys
