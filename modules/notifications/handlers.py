@@ -9,7 +9,6 @@ from app.uow import UnitOfWork
 from modules.notifications.queries import ListNotifications, NotificationView
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 
-
 NOTIFICATION_COLUMNS = {"order_id": "uuid", "kind": "text", "message": "text", "message_id": "uuid"}
 
 
