@@ -414,7 +414,7 @@ def table(records: list[dict]) -> str:
                     _f(r.get("cpu_machine")),
                     _f(r.get("db_commits_per_request")),
                     str(r.get("outbox_pending_after", "")) if r["target"] == "switchboard" else "-",
-                    "yes" if r["passed"] else "NO",
+                    ("yes" if r["passed"] else "NO") + (" (2nd try)" if r.get("attempt", 1) > 1 else ""),
                 )
             )
         lines += _grid(rows)

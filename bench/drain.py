@@ -1,0 +1,122 @@
+"""The order flow's cost, split into its two halves, without HTTP: how fast the request path alone
+places orders, and how fast the relay alone then delivers everything those orders cause.
+
+    uv run python -m bench.drain [--orders 5000] [--concurrency 32]
+
+1. A fresh database (embedded PostgreSQL in a temporary folder, or DATABASE_URL's server), 1,000
+   SKUs seeded as in P1.
+2. **Place**: `--orders` PlaceOrder through the mediator in this process (`--concurrency` at a time;
+   one unit of a random SKU, `pm_card_ok`), no relay running: orders/s and the CPU per order of
+   this process and of PostgreSQL.
+3. **Drain**: a `Relay` with production defaults starts and delivers until no outbox row is left
+   pending — the 6 deliveries per order and the rows they cause in turn: deliveries/s, the order
+   rate that is (deliveries/s / 6), and the CPU per order again.
+
+One JSON line per half. What it answers: the CPU one order costs on each side, so how many
+orders/s the whole flow can sustain on this machine when both halves share it (P1's "capacity"
+only needs the request path to keep up during a step; the async side may fall behind — this says
+by how much it must).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from app.bootstrap import bootstrap
+from app.db import Database
+from app.relay import Relay
+from app.settings import Settings
+from bench import env
+from modules.orders.commands import OrderLine, PlaceOrder
+
+DELIVERIES_PER_ORDER = 6  # pm_card_ok: see bench/README.md, P1
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure(server: env.DatabaseServer, orders: int, concurrency: int) -> list[dict]:
+    url = await server.fresh("bench_drain")
+    skus = env.sku_names(1000)
+    await env.seed_stock(url, skus, 1_000_000_000)
+    settings = replace(Settings(), database_url=url, instance_id="bench-drain")
+    db = await Database(url, max_size=settings.db_pool_size).connect()
+    roots = {"postgres": server.postmaster_pid}
+    try:
+        system = bootstrap(settings, db)
+        limit = asyncio.Semaphore(concurrency)
+
+        async def place() -> None:
+            async with limit:
+                line = OrderLine(sku=random.choice(skus), quantity=1)
+                await system.mediator.send(PlaceOrder(customer_id="c", lines=(line,), payment_method="pm_card_ok"))
+
+        results = []
+        pg0, cpu0, t0 = env.tree_cpu(roots), _own_cpu(), time.perf_counter()
+        await asyncio.gather(*(place() for _ in range(orders)))
+        wall = time.perf_counter() - t0
+        pg = env.tree_cpu(roots)
+        results.append(_record("drain_place", orders, orders, wall, _own_cpu() - cpu0, pg, pg0))
+
+        relay = Relay(system)
+        pg0, cpu0, t0 = env.tree_cpu(roots), _own_cpu(), time.perf_counter()
+        relay.start()
+        while await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'pending'"):
+            await asyncio.sleep(0.1)
+        wall = time.perf_counter() - t0
+        pg = env.tree_cpu(roots)
+        await relay.stop()
+        record = _record("drain_relay", orders, relay.delivered, wall, _own_cpu() - cpu0, pg, pg0)
+        record["orders_per_s"] = round(relay.delivered / DELIVERIES_PER_ORDER / wall, 1)
+        record["dead_letters"] = await db.fetchval("SELECT count(*) FROM dead_letters")
+        results.append(record)
+        return results
+    finally:
+        await db.close()
+
+
+def _record(name: str, orders: int, items: int, wall: float, cpu: float, pg: dict, pg0: dict) -> dict:
+    pg_cpu = pg.get("postgres", 0.0) - pg0.get("postgres", 0.0) if "postgres" in pg0 else None
+    return {
+        "measurement": name,
+        "orders": orders,
+        "items": items,  # orders placed, or deliveries made
+        "seconds": round(wall, 3),
+        "items_per_s": round(items / wall, 1),
+        "cpu_bench_process": round(cpu / wall, 3),
+        "cpu_postgres": None if pg_cpu is None else round(pg_cpu / wall, 3),
+        "bench_cpu_ms_per_order": round(cpu / orders * 1000, 3),
+        "postgres_cpu_ms_per_order": None if pg_cpu is None else round(pg_cpu / orders * 1000, 3),
+    }
+
+
+async def main(args: argparse.Namespace) -> None:
+    import os
+
+    with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
+        server = env.DatabaseServer(Path(tmp), os.environ.get("DATABASE_URL"))
+        try:
+            for record in await measure(server, args.orders, args.concurrency):
+                print(json.dumps(record), flush=True)
+        finally:
+            await server.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("--orders", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main(parser.parse_args()))
