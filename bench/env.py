@@ -227,6 +227,19 @@ class DatabaseServer:
         await asyncio.to_thread(upgrade, url)
         return url
 
+    async def settle(self) -> bool:
+        """CHECKPOINT, so the WAL of what ran before (P1 writes a lot of it) is not flushed in the
+        middle of the next measurement. Needs a superuser (the embedded server's is); returns
+        whether it ran."""
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            await conn.execute("CHECKPOINT")
+            return True
+        except asyncpg.InsufficientPrivilegeError:
+            return False
+        finally:
+            await conn.close()
+
     async def settings(self) -> dict:
         conn = await asyncpg.connect(self.admin_url)
         try:
