@@ -101,6 +101,11 @@ def build_system(
     return bootstrap(replace(settings, modules=None), db, modules=[module])
 
 
+def relay_for(settings: Settings, db: Database, *subscriptions: Subscription) -> Relay:
+    """A relay (instance "relay-test") over a system hosting only these subscriptions."""
+    return Relay(build_system(settings, db, subscriptions), instance_id="relay-test")
+
+
 async def reset_effects(db: Database) -> None:
     await db.execute(EFFECTS_DDL)
     await db.execute("TRUNCATE relay_test_effects RESTART IDENTITY")

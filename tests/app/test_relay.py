@@ -17,9 +17,9 @@ from tests.app.relay_worker import (
     TestEvent,
     append,
     applied,
-    build_system,
     deliver_everything,
     recorder,
+    relay_for,
     reset_effects,
     wait_until,
 )
@@ -29,9 +29,6 @@ from tests.app.relay_worker import (
 async def effects(db) -> None:
     await reset_effects(db)
 
-
-def relay_for(settings, db, *subscriptions: Subscription) -> Relay:
-    return Relay(build_system(settings, db, subscriptions), instance_id="relay-test")
 
 
 def always(error: Exception):

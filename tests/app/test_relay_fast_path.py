@@ -15,16 +15,15 @@ import pytest
 from app.aggregate import Aggregate
 from app.mediator import Envelope, Subscription
 from app.messages import Event
-from app.relay import Relay
 from app.uow import UnitOfWork
 from tests.app.relay_worker import (
     SUBSCRIBER,
     TestEvent,
     append,
     applied,
-    build_system,
     deliver_everything,
     recorder,
+    relay_for,
     reset_effects,
 )
 
@@ -33,9 +32,6 @@ from tests.app.relay_worker import (
 async def effects(db) -> None:
     await reset_effects(db)
 
-
-def relay_for(settings, db, *subscriptions: Subscription) -> Relay:
-    return Relay(build_system(settings, db, subscriptions), instance_id="relay-fast")
 
 
 async def effect_counts(db) -> Counter:
