@@ -228,10 +228,10 @@ async def main_async(args: argparse.Namespace, profile: Profile, out: Output) ->
             from bench import p2
 
             url = await server.fresh("bench_p2")
-            summary["p2_checkpointed"] = await server.settle()  # before each P2 measurement
+            summary["p2_checkpointed"] = await server.settle(url)  # before each P2 measurement
             relay = await p2.relay_throughput(url, profile.relay_events, profile.p2_timeout)
             out.emit(relay)
-            await server.settle()
+            await server.settle(url)
             lag = await p2.relay_lag(url, profile.lag_rate, profile.lag_duration, profile.p2_timeout)
             out.emit(lag)
             summary["relay_events_per_s"] = relay["events_per_s"]
@@ -249,10 +249,10 @@ async def main_async(args: argparse.Namespace, profile: Profile, out: Output) ->
                     }
                 )
             else:
-                await server.settle()
+                await server.settle(url)
                 pt = await p2.procrastinate_throughput(url, profile.procrastinate_jobs, profile.p2_timeout)
                 out.emit(pt)
-                await server.settle()
+                await server.settle(url)
                 pl = await p2.procrastinate_lag(
                     url, profile.lag_rate, profile.procrastinate_lag_duration, profile.p2_timeout
                 )

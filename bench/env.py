@@ -227,10 +227,18 @@ class DatabaseServer:
         await asyncio.to_thread(upgrade, url)
         return url
 
-    async def settle(self) -> bool:
-        """CHECKPOINT, so the WAL of what ran before (P1 writes a lot of it) is not flushed in the
-        middle of the next measurement. Needs a superuser (the embedded server's is); returns
-        whether it ran."""
+    async def settle(self, url: str | None = None) -> bool:
+        """VACUUM the database at `url` (what autovacuum would otherwise start, at the latest a
+        minute later, in the middle of the next measurement: the previous one left tens of
+        thousands of dead rows), then CHECKPOINT, so the WAL of what ran before (P1 writes a lot
+        of it) is not flushed during the next one either. CHECKPOINT needs a superuser (the
+        embedded server's is); returns whether it ran."""
+        if url is not None:
+            conn = await asyncpg.connect(url)
+            try:
+                await conn.execute("VACUUM")
+            finally:
+                await conn.close()
         conn = await asyncpg.connect(self.admin_url)
         try:
             await conn.execute("CHECKPOINT")
