@@ -249,7 +249,7 @@ class UnitOfWork:
                 if self._depth > 1 or self._tx is not None:
                     await self.transaction()
                 if pending:
-                    self.positions.extend(await self._append(pending, staged))
+                    self.positions.extend(await self._append(pending, _merged(staged)))
                 else:
                     for entry in _merged(staged):
                         await self.connection.execute(_staged_insert(entry, 1), *_columns_of([entry]))
