@@ -182,7 +182,7 @@ def backoff_delay(attempt: int, base: float, cap: float, rand=random.random) -> 
 # this long, so a subscriber that keeps failing does not keep re-running its good deliveries.
 CAREFUL_SECONDS = 30.0
 RUN_CONFLICT_RETRIES = 5  # a fast run that lost an optimistic-concurrency race is run again
-RUN_HOLD_SECONDS = 0.005  # a run that appended events commits once it has run this long
+RUN_HOLD_SECONDS = 0.005  # a run whose handlers recorded events appends them once it has run this long
 
 
 class _HandlerFailed(Exception):
@@ -438,24 +438,26 @@ class Relay:
         return outcomes
 
     async def _deliver_run(self, subscriber: str, rows: list, seen: set) -> tuple[list[Outcome], list]:
-        """The fast path: the handlers in turn in one transaction, then their inbox rows and the
-        acknowledgement in one statement, and one COMMIT. Once a delivery has appended events,
-        the run ends as soon as it has taken RUN_HOLD_SECONDS, returning the rest: appended
-        events hold their streams (another writer of one, e.g. POST /orders reserving stock,
-        waits for the commit), so a run holds them that long at most, plus one delivery. A
-        handler error rolls the whole run back and raises `_HandlerFailed`."""
+        """The fast path: the handlers in turn in one transaction, sharing one identity map and
+        writing nothing themselves; then the inbox rows and the acknowledgement in one statement,
+        every event the handlers recorded in one append (with the rows they staged), one COMMIT.
+        Once a handler has recorded events, the run ends as soon as it has taken
+        RUN_HOLD_SECONDS, returning the rest: its decisions rest on the streams it loaded, and the
+        longer they wait for the append, the likelier another writer (e.g. POST /orders reserving
+        stock) changed one first. A handler error -- or a lost race at the append -- rolls the
+        whole run back and raises `_HandlerFailed`."""
         outcomes: list[Outcome] = []
         applied: list = []
         bound = self.system.subscriptions.get(subscriber)
         uow = self.system.uow()
         began = time.perf_counter()
-        holds_streams = False
+        decided = False  # some handler recorded events: they wait for the run's append
         async with uow:
             await uow.transaction()
             for i, row in enumerate(rows):
                 started = time.perf_counter()
                 if row["message_id"] not in seen:  # else applied before: just acknowledge
-                    child = uow.child(defer_staged=True)
+                    child = uow.child(deferred=True)
                     try:
                         async with asyncio.timeout(self.handler_timeout):
                             await self._apply(bound, child, row)
@@ -463,15 +465,18 @@ class Relay:
                         raise _HandlerFailed(i, error, time.perf_counter() - started) from error
                     applied.append(row["message_id"])
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
-                    holds_streams = holds_streams or bool(child.positions)
-                    if holds_streams and time.perf_counter() - began >= RUN_HOLD_SECONDS:
+                    decided = decided or child.deferred_events
+                    if decided and time.perf_counter() - began >= RUN_HOLD_SECONDS:
                         break
                 else:
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
             acknowledged = await self._acknowledge(
                 uow.connection, [o.row["id"] for o in outcomes], (subscriber, applied)
             )
-            await uow.commit()  # writes the rows the run's handlers staged, one statement per table
+            try:
+                await uow.commit()  # the run's events, its staged rows, COMMIT
+            except ConcurrencyError as error:  # a stream changed since a handler loaded it
+                raise _HandlerFailed(len(outcomes) - 1, error, time.perf_counter() - began) from error
         self.delivered += acknowledged
         return outcomes, rows[len(outcomes) :]
 

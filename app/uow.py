@@ -141,20 +141,25 @@ class UnitOfWork:
         self._published = False  # outbox rows written, to announce once the transaction commits
         self._parent: UnitOfWork | None = None
         self._staged: list[_Staged] = []
-        self._defer_staged = False
+        self._deferred = False  # a relay fast run's delivery: its parent writes everything
+        self.deferred_events = False  # it committed events its parent will append
 
-    def child(self, *, defer_staged: bool = False) -> UnitOfWork:
-        """A unit inside this unit's open transaction, with its own identity map. The relay gives
-        one to each delivery of a batch: the delivery's writes commit with the batch, and a failed
+    def child(self, *, deferred: bool = False) -> UnitOfWork:
+        """A unit inside this unit's open transaction. The relay gives one to each delivery of a
+        batch: the delivery's writes commit with the batch.
+
+        By default the child has its own identity map and writes at its own commit, so a failed
         delivery (rolled back to its savepoint) leaves no stale aggregate behind for the next.
-
-        `defer_staged`: rows the child stages without events go to this unit, which writes those
-        of all its children set-based (one statement per table) when it commits -- for the relay's
-        fast runs, whose deliveries commit or roll back all together anyway."""
+        `deferred` (the relay's fast runs, whose deliveries commit or roll back all together):
+        the child shares this unit's identity map, and its commit writes nothing -- this unit
+        appends every child's events in one statement, with the rows they staged (one statement
+        per table), when it commits. A later delivery that loads a stream an earlier one changed
+        gets that aggregate, its new events included."""
         assert self._tx is not None, "begin the transaction first: await uow.transaction()"
         child = UnitOfWork(self._db, self._catalog)
         child._conn, child._tx, child._depth, child._parent = self._conn, self._tx, 1, self
-        child._defer_staged = defer_staged
+        if deferred:
+            child._deferred, child._seen = True, self._seen
         return child
 
     async def __aenter__(self) -> UnitOfWork:
@@ -241,18 +246,19 @@ class UnitOfWork:
     async def commit(self) -> None:
         # One lock order for every unit: two units touching the same streams queue, not deadlock.
         pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
-        if pending or self._staged:
+        if self._deferred:  # the parent appends the shared map's events and writes the staged rows
+            self._parent._staged.extend(self._staged)  # type: ignore[union-attr]
+            self._staged = []
+            self.deferred_events = self.deferred_events or bool(pending)
+        elif pending or self._staged:
             staged, self._staged = self._staged, []
-            if not pending and self._defer_staged:
-                self._parent._staged.extend(staged)  # type: ignore[union-attr]  # written with the parent's
+            if self._depth > 1 or self._tx is not None:
+                await self.transaction()
+            if pending:
+                self.positions.extend(await self._append(pending, _merged(staged)))
             else:
-                if self._depth > 1 or self._tx is not None:
-                    await self.transaction()
-                if pending:
-                    self.positions.extend(await self._append(pending, _merged(staged)))
-                else:
-                    for entry in _merged(staged):
-                        await self.connection.execute(_staged_insert(entry, 1), *_columns_of([entry]))
+                for entry in _merged(staged):
+                    await self.connection.execute(_staged_insert(entry, 1), *_columns_of([entry]))
         if self._depth <= 1 and self._parent is None:  # a child's writes commit with its parent
             if self._tx is not None:
                 tx, self._tx = self._tx, None

@@ -13,8 +13,10 @@ from dataclasses import replace
 import pytest
 
 from app.aggregate import Aggregate
-from app.mediator import Envelope, Subscription
+from app.bootstrap import bootstrap
+from app.mediator import Envelope, Module, Subscription
 from app.messages import Event
+from app.relay import Relay
 from app.uow import UnitOfWork
 from tests.app.relay_worker import (
     SUBSCRIBER,
@@ -231,3 +233,89 @@ async def test_rows_staged_in_a_run_that_rolls_back_are_written_once_by_the_rede
 
     assert failed == ["ticker-00003"]
     assert [r["key"] for r in await db.fetch("SELECT key FROM relay_test_staged ORDER BY key")] == keys
+
+
+class Counted(Event, tag="testing.Counted"):
+    """No subscribers."""
+
+    key: str
+
+
+class Tally(Aggregate):
+    stream_type = "tally"
+
+    def count(self, key: str) -> None:
+        self._record(Counted(key=key))
+
+    def _apply(self, event: Event) -> None:
+        pass
+
+
+async def tally_versions(db) -> list[int]:
+    return [r["version"] for r in await db.fetch("SELECT version FROM events WHERE stream_id = 'tally-all' ORDER BY position")]
+
+
+async def test_deliveries_of_one_run_that_change_one_stream_see_each_others_events(db, settings, monkeypatch):
+    import app.relay
+
+    monkeypatch.setattr(app.relay, "RUN_HOLD_SECONDS", 60.0)
+
+    async def count(event: TestEvent, uow: UnitOfWork) -> None:
+        async with uow:
+            tally = await uow.find(Tally, "all") or Tally("all")
+            tally.count(event.key)
+            uow.add(tally)
+            await uow.commit()
+
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, count))
+    await append(relay.system, 8, 1)
+
+    assert await relay.run_once() == 8
+
+    assert await tally_versions(db) == list(range(1, 9))  # one run, one append, versions in turn
+    assert await delivery_transactions(db) == [list(range(8))]
+    tally_tx = {r["tx"] for r in await db.fetch("SELECT xmin::text AS tx FROM events WHERE stream_id = 'tally-all'")}
+    assert tally_tx == {await db.fetchval("SELECT DISTINCT xmin::text FROM outbox")}
+
+
+async def test_a_run_whose_append_loses_a_race_runs_again_on_fresh_state(db, settings, monkeypatch):
+    import app.relay
+
+    monkeypatch.setattr(app.relay, "RUN_HOLD_SECONDS", 60.0)
+    raced: list[str] = []
+
+    async def count(event: TestEvent, uow: UnitOfWork) -> None:
+        async with uow:
+            tally = await uow.get(Tally, "all")
+            tally.count(event.key)
+            await uow.commit()
+        if not raced:  # another writer appends to the tally before the run's append
+            raced.append(event.key)
+            other = relay.system.uow()
+            async with other:
+                theirs = await other.get(Tally, "all")
+                theirs.count("other writer")
+                await other.commit()
+
+    module = Module(name="testing", subscriptions={TestEvent: [Subscription(SUBSCRIBER, count)]}, events=[Counted])
+    relay = Relay(bootstrap(replace(settings, modules=None), db, modules=[module]), instance_id="relay-test")
+    system = relay.system
+    first = system.uow()
+    async with first:  # the tally exists at version 1
+        tally = Tally("all")
+        tally.count("seed")
+        first.add(tally)
+        await first.commit()
+    await append(system, 4, 1)
+
+    assert await relay.run_once() == 4
+
+    assert len(raced) == 1
+    assert await tally_versions(db) == list(range(1, 7))  # seed, the other writer, then the run's 4
+    keys = [r["key"] for r in await db.fetch(
+        "SELECT data->>'key' AS key FROM events WHERE stream_id = 'tally-all' ORDER BY position"
+    )]
+    assert keys[:2] == ["seed", "other writer"] and sorted(keys[2:]) == sorted(
+        r["partition_key"] for r in await db.fetch("SELECT partition_key FROM outbox")
+    )
+    assert relay._careful_until == {}
