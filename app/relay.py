@@ -81,11 +81,6 @@ WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
 # Settling touches only rows this relay still holds: if its lease lapsed and another relay took a
 # row over, that relay's outcome stands (a stale retry or dead letter would overwrite it; a stale
 # ack is not needed: the inbox makes the new holder acknowledge without running the handler).
-ACK_SQL = """
-UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
-WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
-"""
-
 # For the claim's transaction only, in one round trip:
 # - synchronous_commit off: a claim is a lease marker; if a crash loses it, its rows are simply
 #   claimable again (the inbox absorbs the redelivery), and the acknowledgement's durable commit
@@ -157,7 +152,8 @@ PURGE_ROUNDS = 20
 INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
 
 # The fast path reads which of a group's messages its subscriber has applied before, once, and
-# writes the inbox rows of a run together with its acknowledgement. A concurrent relay that
+# writes the inbox rows of a run together with its acknowledgement (the careful path writes each
+# inbox row in its delivery's savepoint and acknowledges with none). A concurrent relay that
 # applied one of them meanwhile (a lapsed lease) makes the INSERT fail: the run rolls back and is
 # delivered carefully, where the per-delivery inbox check skips it.
 INBOX_SEEN_SQL = """
@@ -308,8 +304,7 @@ class Relay:
         statements), until none are left or `rounds` batches went. Returns how many went."""
         purged = 0
         for _ in range(rounds):
-            status = await self.db.execute(PURGE_SQL, self.retention_seconds, PURGE_BATCH)
-            deleted = int(status.rsplit(" ", 1)[1])
+            deleted = _rowcount(await self.db.execute(PURGE_SQL, self.retention_seconds, PURGE_BATCH))
             purged += deleted
             if deleted < PURGE_BATCH:
                 break
@@ -470,9 +465,7 @@ class Relay:
                         break
                 else:
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
-            acknowledged = await self._acknowledge(
-                uow.connection, [o.row["id"] for o in outcomes], (subscriber, applied)
-            )
+            acknowledged = await self._acknowledge(uow.connection, [o.row["id"] for o in outcomes], subscriber, applied)
             try:
                 await uow.commit()  # the run's events, its staged rows, COMMIT
             except ConcurrencyError as error:  # a stream changed since a handler loaded it
@@ -500,7 +493,7 @@ class Relay:
                     if outcome.error is None:
                         done.append(row["id"])
                     if appended or i == len(rows) - 1:
-                        acknowledged = await self._acknowledge(conn, done)
+                        acknowledged = await self._acknowledge(conn, done, rows[0]["subscriber"], [])
                         await uow.commit()
                         self.delivered += acknowledged
                         durable, done = len(outcomes), []
@@ -513,19 +506,15 @@ class Relay:
         return outcomes
 
     async def _acknowledge(
-        self, conn: asyncpg.Connection, ids: list[int], inbox: tuple[str, list] | None = None
+        self, conn: asyncpg.Connection, ids: list[int], subscriber: str, applied: list
     ) -> int:
         """Mark delivered, in the deliveries' own transaction: effects and acknowledgement commit
         together, so a crash cannot leave an applied row unacknowledged (the inbox still guards
-        the race of a relay whose lease lapsed mid-batch). `inbox`: the fast path's (subscriber,
-        message ids applied) to record in the same statement."""
+        the race of a relay whose lease lapsed mid-batch). `applied`: the message ids whose inbox
+        rows go in the same statement (the fast path's; the careful path wrote its own)."""
         if not ids:
             return 0
-        if inbox is None:
-            status = await conn.execute(ACK_SQL, ids, self.instance_id)
-        else:
-            status = await conn.execute(ACK_WITH_INBOX_SQL, ids, self.instance_id, *inbox)
-        return int(status.rsplit(" ", 1)[1])
+        return _rowcount(await conn.execute(ACK_WITH_INBOX_SQL, ids, self.instance_id, subscriber, applied))
 
     async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row) -> tuple[Outcome, bool]:
         """One delivery in a savepoint. Returns its outcome and whether it appended events."""
@@ -627,6 +616,11 @@ class Relay:
 
 
 _decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
+
+
+def _rowcount(status: str) -> int:
+    """Rows a statement touched, from asyncpg's command tag ("UPDATE 3", "DELETE 0")."""
+    return int(status.rsplit(" ", 1)[1])
 
 
 GROUP_SIZE = 50

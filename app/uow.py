@@ -244,13 +244,14 @@ class UnitOfWork:
             self._staged.append(_Staged(table, tuple(columns.items()), rows))
 
     async def commit(self) -> None:
-        # One lock order for every unit: two units touching the same streams queue, not deadlock.
-        pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
         if self._deferred:  # the parent appends the shared map's events and writes the staged rows
             self._parent._staged.extend(self._staged)  # type: ignore[union-attr]
             self._staged = []
-            self.deferred_events = self.deferred_events or bool(pending)
-        elif pending or self._staged:
+            self.deferred_events = self.deferred_events or any(a.pending_events for a in self._seen.values())
+            return
+        # One lock order for every unit: two units touching the same streams queue, not deadlock.
+        pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
+        if pending or self._staged:
             staged, self._staged = self._staged, []
             if self._depth > 1 or self._tx is not None:
                 await self.transaction()

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench import env
+from bench.drain import DELIVERIES_PER_ORDER
 from bench.loadgen import raise_nofile, run
 from bench.p1 import P1Config, capacity
 from bench.remote import RemoteConfig
@@ -64,7 +65,7 @@ class Profile:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
-def keeps_up(records: list[dict], deliveries_per_order: int = 6) -> float:
+def keeps_up(records: list[dict], deliveries_per_order: int = DELIVERIES_PER_ORDER) -> float:
     """The highest passing rate at which switchboard's outbox backlog grew by less than one
     second's worth of deliveries over the step: the async side kept pace with the requests. P1's
     capacity only needs the request path to meet its p99; this says whether the rest followed."""

@@ -9,7 +9,7 @@ import asyncpg
 from alembic import command
 
 from app.db import ensure_database, with_database
-from app.migrate import alembic_config, head_revision, upgrade
+from app.migrate import alembic_config, upgrade
 
 SCRATCH = "switchboard_migrations_test"
 
@@ -51,4 +51,4 @@ def test_migrations_go_down_to_base_and_up_again_to_the_same_schema(database_url
     upgrade(url)
 
     assert asyncio.run(_schema(url)) == first
-    assert first[0] and head_revision()
+    assert first[0]  # the head schema has tables

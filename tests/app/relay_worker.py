@@ -176,7 +176,7 @@ async def deliver_everything(relay: Relay, seconds: float = 10.0) -> None:
 
 
 class HangBeforeAck(Relay):
-    async def _acknowledge(self, conn, ids, inbox=None) -> int:
+    async def _acknowledge(self, conn, ids, subscriber, applied) -> int:
         print("applied", flush=True)  # handlers ran; their transaction has not committed
         await asyncio.Event().wait()
         return 0

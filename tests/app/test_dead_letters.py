@@ -19,14 +19,10 @@ from tests.app.relay_worker import (
     build_system,
     deliver_everything,
     recorder,
-    reset_effects,
     tick,
 )
 
-
-@pytest.fixture(autouse=True)
-async def effects(db) -> None:
-    await reset_effects(db)
+pytestmark = pytest.mark.usefixtures("effects")
 
 
 class Poison:

@@ -20,14 +20,10 @@ from tests.app.relay_worker import (
     deliver_everything,
     recorder,
     relay_for,
-    reset_effects,
     wait_until,
 )
 
-
-@pytest.fixture(autouse=True)
-async def effects(db) -> None:
-    await reset_effects(db)
+pytestmark = pytest.mark.usefixtures("effects")
 
 
 

@@ -17,7 +17,6 @@ from tests.app.relay_worker import (
     append,
     build_system,
     recorder,
-    reset_effects,
     wait_until,
 )
 
@@ -28,9 +27,7 @@ class Flaky(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-async def effects(db) -> None:
-    await reset_effects(db)
+pytestmark = pytest.mark.usefixtures("effects")
 
 
 async def test_three_relays_deliver_every_row_once_and_in_key_order_despite_random_failures(db, settings):

@@ -13,15 +13,13 @@ from pathlib import Path
 import pytest
 
 from app.relay import Relay
-from tests.app.relay_worker import append, applied, build_system, reset_effects, wait_until
+from tests.app.relay_worker import append, applied, build_system, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 KEYS, EVENTS = 4, 3
 
 
-@pytest.fixture(autouse=True)
-async def effects(db) -> None:
-    await reset_effects(db)
+pytestmark = pytest.mark.usefixtures("effects")
 
 
 @pytest.fixture
