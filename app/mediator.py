@@ -309,6 +309,7 @@ class Mediator:
         self.breakers: dict[str, aiobreaker.CircuitBreaker] = {}
         self.bulkheads: dict[str, Bulkhead] = {}
         self.conflict_retries = conflict_retries
+        self.in_flight = 0  # commands and queries running now, every module: the relay yields to them
         self._routes: dict[type, Route] = {}
         self._deadlines: _Deadlines | None = None  # the calls in flight on the running loop
         watches: dict[str, _BreakerWatch] = {}
@@ -363,6 +364,7 @@ class Mediator:
             stats.outcomes["unavailable"] += 1
             raise _unavailable(route.module, f"module {route.module!r} is at its concurrency limit", 1)
         bulkhead.in_flight += 1
+        self.in_flight += 1
         started = time.perf_counter()
         outcome = "error"
         try:
@@ -396,6 +398,7 @@ class Mediator:
             raise
         finally:
             bulkhead.in_flight -= 1
+            self.in_flight -= 1
             stats.record(outcome, time.perf_counter() - started)
 
     async def _run(self, route: Route, message: Any) -> Any:

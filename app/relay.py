@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 DELIVERED = Counter("switchboard_relay_delivered_total", "Outbox rows delivered", ["subscriber"])
 FAILED = Counter("switchboard_relay_failures_total", "Failed deliveries", ["subscriber", "outcome"])
+YIELDED = Counter(
+    "switchboard_relay_yielded_groups_total",
+    "Delivery groups run one at a time because commands or queries were in flight",
+)
 LAG = Histogram(
     "switchboard_relay_lag_seconds",
     "Commit-to-handler lag of delivered rows",
@@ -226,6 +230,8 @@ class Relay:
         self.lease_seconds = settings.relay_lease_seconds
         self.handler_timeout = settings.relay_handler_timeout
         self.retention_seconds = settings.outbox_retention_seconds
+        self.yield_seconds = settings.relay_yield_seconds
+        self._one_at_a_time = asyncio.Lock()  # for groups that yield to the synchronous path
         self.concurrency = concurrency or max(2, system.db.max_size // 2)
         self._limit = asyncio.Semaphore(self.concurrency)
         self.delivered = 0
@@ -373,6 +379,10 @@ class Relay:
 
             async def bounded(group):
                 async with self._limit:
+                    if self._yields(group):
+                        YIELDED.inc()
+                        async with self._one_at_a_time:
+                            return await self._deliver_group(group)
                     return await self._deliver_group(group)
 
             groups = await asyncio.gather(*map(bounded, _groups(batch.rows)))
@@ -383,6 +393,15 @@ class Relay:
             raise
         finally:
             batch.keeper.cancel()
+
+    def _yields(self, group: list) -> bool:
+        """Whether this group waits its turn behind other yielding groups: commands or queries
+        are in flight in this process (the synchronous path is busy), and its oldest row is
+        younger than `relay_yield_seconds` (the async side's lag budget under load). So a burst
+        of requests keeps the CPU and the outbox absorbs the async work; a backlog older than
+        the budget is delivered at full speed, whatever the load, and then the requests share."""
+        mediator = getattr(self.system, "mediator", None)
+        return mediator is not None and mediator.in_flight > 0 and float(group[0]["age"]) < self.yield_seconds
 
     async def _keep_leases(self, ids: list[int]) -> None:
         while True:

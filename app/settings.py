@@ -41,6 +41,10 @@ class Settings:
     relay_poll_seconds: float = 0.5
     relay_lease_seconds: float = 30.0
     relay_handler_timeout: float = 10.0
+    # While commands or queries are running, the relay delivers one group at a time, for rows
+    # younger than this (seconds): the synchronous path keeps the CPU, the async side catches up
+    # when it is quiet. Older rows go at full speed whatever the load. 0: never yield.
+    relay_yield_seconds: float = 30.0
     outbox_retention_seconds: float = 3600.0  # delivered rows stay visible in `outbox` this long
     retry_base_seconds: float = 0.5
     retry_cap_seconds: float = 60.0
@@ -67,6 +71,7 @@ class Settings:
             relay_batch_size=_int("SWITCHBOARD_RELAY_BATCH", 200),
             relay_poll_seconds=_float("SWITCHBOARD_RELAY_POLL", 0.5),
             relay_lease_seconds=_float("SWITCHBOARD_RELAY_LEASE", 30.0),
+            relay_yield_seconds=_float("SWITCHBOARD_RELAY_YIELD", 30.0),
             outbox_retention_seconds=_float("SWITCHBOARD_OUTBOX_RETENTION", 3600.0),
             retry_base_seconds=_float("SWITCHBOARD_RETRY_BASE", 0.5),
             retry_cap_seconds=_float("SWITCHBOARD_RETRY_CAP", 60.0),
