@@ -340,6 +340,14 @@ def judge(s: dict) -> dict:
         t["p1_rate"] = verdict(
             cap >= TARGETS["p1_rate"], cap, f">= 1000 req/s at p99 < 200 ms, 0 errors{note}"
         )
+        if "switchboard_async_keeps_up_rps" in s:
+            kept = s["switchboard_async_keeps_up_rps"]
+            t["p1_rate_sustained"] = verdict(
+                kept >= TARGETS["p1_rate"],
+                kept,
+                ">= 1000 req/s with the async side keeping pace too (outbox backlog not growing over"
+                f" the step; during a step the relay yields to requests within its lag budget){note}",
+            )
         ratio = s.get("capacity_ratio")
         t["p1_ratio"] = verdict(
             None if ratio is None else ratio >= TARGETS["p1_ratio"], ratio, ">= 0.8x baseline"
