@@ -16,7 +16,7 @@ from app.aggregate import Aggregate
 from app.bootstrap import bootstrap
 from app.mediator import Envelope, Module, Subscription
 from app.messages import Event
-from app.relay import Relay
+from app.relay import ACK_WITH_INBOX_SQL, Relay
 from app.uow import UnitOfWork
 from tests.app.relay_worker import (
     SUBSCRIBER,
@@ -315,3 +315,16 @@ async def test_a_run_whose_append_loses_a_race_runs_again_on_fresh_state(db, set
         r["partition_key"] for r in await db.fetch("SELECT partition_key FROM outbox")
     )
     assert relay._careful_until == {}
+
+
+async def test_the_acknowledgement_makes_only_its_own_transaction_commit_without_a_flush_wait(db):
+    """A delivery's transaction commits asynchronously (ACK_WITH_INBOX_SQL turns
+    synchronous_commit off for it, whether or not it matched rows); the connection's next
+    transaction -- e.g. a request's, on the same pooled connection -- is durable again."""
+    async with db.acquire() as conn:
+        for ids in ([], [-1]):
+            async with conn.transaction():
+                assert await conn.fetchval("SHOW synchronous_commit") == "on"
+                await conn.execute(ACK_WITH_INBOX_SQL, ids, "relay-test", SUBSCRIBER, [])
+                assert await conn.fetchval("SHOW synchronous_commit") == "off"
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
