@@ -9,7 +9,8 @@ Per request, on the switchboard schema (tables from `switchboard migrate`):
    decides again, up to 30 times with the same jittered pause as switchboard's mediator) and
    insert the `inventory_reservations` rows;
 3. one statement, its own transaction: append `orders.OrderPlaced` with one outbox row per
-   subscriber of OrderPlaced, and `pg_notify` the relay channel;
+   subscriber of OrderPlaced; after the commit, a relay elsewhere is woken by one coalesced
+   `pg_notify` per 2 ms, as switchboard does;
 4. answer 201 with the same JSON fields, `Location` and `X-Switchboard-Position`.
 
 Two commits per order, like switchboard (reservation, then order), and three round trips, like
@@ -90,7 +91,7 @@ SELECT $5::uuid, sku, qty FROM unnest($6::text[], $7::int[]) AS r(sku, qty)
 ON CONFLICT DO NOTHING
 """
 
-PLACE_SQL = f"""
+PLACE_SQL = """
 WITH ev AS (
     INSERT INTO events (event_id, stream_id, version, type, data, metadata)
     VALUES ($1, $2, 1, 'orders.OrderPlaced', $3::jsonb, $4::jsonb)
@@ -101,14 +102,35 @@ WITH ev AS (
     FROM ev CROSS JOIN unnest($5::text[]) AS s(subscriber)
     RETURNING 1
 )
-SELECT ev.position, (SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM (SELECT 1 FROM ob LIMIT 1) AS any_row)
+SELECT ev.position, (SELECT count(*) FROM ob)
 FROM ev
 """
-if os.environ.get("BENCH_BASELINE_NOTIFY", "1") == "0":  # an experiment only, never the default baseline
-    PLACE_SQL = PLACE_SQL.replace(
-        f"(SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM (SELECT 1 FROM ob LIMIT 1) AS any_row)",
-        "(SELECT count(*) FROM ob)",
-    )
+# Like switchboard: a relay elsewhere is woken by one NOTIFY per interval sent after the commits
+# it covers, not by a NOTIFY in every transaction (that takes a database-wide lock held through
+# the commit's flush: see NOTIFY cost in BENCHMARKS.md).
+NOTIFY_INTERVAL = 0.002
+
+
+class _Notifier:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool, self.dirty, self.task = pool, False, None
+
+    def written(self) -> None:
+        self.dirty = True
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self.dirty:
+            await asyncio.sleep(NOTIFY_INTERVAL)
+            self.dirty = False
+            await self.pool.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """Like switchboard's pool: nothing sets session state, so skip asyncpg's RESET ALL round trip
+    on every release (asyncpg rolls back an open transaction itself)."""
+
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
@@ -175,7 +197,7 @@ async def _reserve(pool: asyncpg.Pool, order_id: uuid.UUID, wanted: dict[str, in
 
 
 def create_app() -> Litestar:
-    pool_holder: dict[str, asyncpg.Pool] = {}
+    pool_holder: dict = {}
     subscribers = list(ORDER_PLACED_SUBSCRIBERS)
 
     @contextlib.asynccontextmanager
@@ -186,11 +208,16 @@ def create_app() -> Litestar:
             min_size=2,
             max_size=POOL_SIZE,
             command_timeout=30,
+            reset=_keep_session,
             server_settings={"application_name": "bench-baseline"},
         )
+        pool_holder["notifier"] = _Notifier(pool_holder["pool"])
         try:
             yield
         finally:
+            notifier = pool_holder.pop("notifier")
+            if notifier.task is not None:
+                await notifier.task
             await pool_holder.pop("pool").close()
 
     @get("/health/ready")
@@ -229,6 +256,7 @@ def create_app() -> Litestar:
             position, _ = await conn.fetchrow(
                 PLACE_SQL, uuid.uuid4(), f"order-{order_id}", payload, metadata, subscribers
             )
+        pool_holder["notifier"].written()
         body = OrderPlacedResponse(
             order_id=order_id,
             status="placed",

@@ -199,7 +199,7 @@ async def run_target(
             # This machine is shared and noisy: a failed rate gets one more try, once the server
             # has gone quiet again, and fails only if that fails too (both targets alike).
             if attempts[rate] == 1 and config.retry_failed:
-                cooldown = await _quiet(proc.pid, limit=config.drain_timeout * 2)
+                cooldown = await _quiet(proc.pid, limit=QUIET_LIMIT_S)
                 plan.insert(0, rate)
                 continue
             # The first failure ends the ladder, after at most one step between the highest
@@ -209,7 +209,7 @@ async def run_target(
                 mid = round((low + rate) / 2 / 25) * 25
                 if low < mid < rate:
                     refined = True
-                    cooldown = await _quiet(proc.pid, limit=config.drain_timeout * 2)
+                    cooldown = await _quiet(proc.pid, limit=QUIET_LIMIT_S)
                     plan = [mid]
                     continue
             break
@@ -277,6 +277,13 @@ async def _sample_waits(url: str, every: float = 0.05) -> dict:
         await conn.close()
     top = sorted(totals.items(), key=lambda kv: -kv[1])[:8]
     return {k: round(v / max(samples, 1), 2) for k, v in top}
+
+
+# How long a retry or the step between waits for the server to go quiet: long enough for the
+# relay to drain what an overloaded step left (70k outbox rows at ~5k deliveries/s: ~15 s), so
+# the step starts from the same state as the first try -- not with a backlog about to outgrow
+# the relay's yield budget (SWITCHBOARD_RELAY_YIELD) in the middle of it.
+QUIET_LIMIT_S = 90.0
 
 
 async def _quiet(pid: int, limit: float, below: float = 0.15) -> float:
