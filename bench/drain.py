@@ -12,6 +12,12 @@ places orders, and how fast the relay alone then delivers everything those order
    pending — the 6 deliveries per order and the rows they cause in turn: deliveries/s, the order
    rate that is (deliveries/s / 6), and the CPU per order again.
 
+Each half also reports the WAL it wrote per order (`wal_bytes_per_order`, from the server's
+insert position: the whole server's WAL, so run it alone) and, where the server has the
+`pg_walinspect` extension (the embedded one does), the record types that make it up
+(`wal_records_per_order`: bytes and records per order by resource manager/record type). WAL is
+what every durable commit waits to flush, so it is what a commit-bound step runs out of.
+
 One JSON line per half. What it answers: the CPU one order costs on each side, so how many
 orders/s the whole flow can sustain on this machine when both halves share it (P1's "capacity"
 only needs the request path to keep up during a step; the async side may fall behind — this says
@@ -59,14 +65,20 @@ async def measure(server: env.DatabaseServer, orders: int, concurrency: int) -> 
         async def place() -> None:
             async with limit:
                 line = OrderLine(sku=random.choice(skus), quantity=1)
-                await system.mediator.send(PlaceOrder(customer_id="c", lines=(line,), payment_method="pm_card_ok"))
+                await system.mediator.send(
+                    PlaceOrder(customer_id="c", lines=(line,), payment_method="pm_card_ok")
+                )
 
         results = []
+        walinspect = await _walinspect(db)
+        lsn0 = await _lsn(db)
         pg0, cpu0, t0 = env.tree_cpu(roots), _own_cpu(), time.perf_counter()
         await asyncio.gather(*(place() for _ in range(orders)))
         wall = time.perf_counter() - t0
         pg = env.tree_cpu(roots)
         results.append(_record("drain_place", orders, orders, wall, _own_cpu() - cpu0, pg, pg0))
+        lsn1 = await _lsn(db)
+        results[-1].update(await _wal(db, lsn0, lsn1, orders, walinspect))
 
         relay = Relay(system)
         pg0, cpu0, t0 = env.tree_cpu(roots), _own_cpu(), time.perf_counter()
@@ -77,12 +89,44 @@ async def measure(server: env.DatabaseServer, orders: int, concurrency: int) -> 
         pg = env.tree_cpu(roots)
         await relay.stop()
         record = _record("drain_relay", orders, relay.delivered, wall, _own_cpu() - cpu0, pg, pg0)
+        record.update(await _wal(db, lsn1, await _lsn(db), orders, walinspect))
         record["orders_per_s"] = round(relay.delivered / DELIVERIES_PER_ORDER / wall, 1)
         record["dead_letters"] = await db.fetchval("SELECT count(*) FROM dead_letters")
         results.append(record)
         return results
     finally:
         await db.close()
+
+
+async def _lsn(db: Database) -> str:
+    return await db.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+
+
+async def _walinspect(db: Database) -> bool:
+    try:
+        await db.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        return True
+    except Exception as error:  # not installed on that server, or no privilege: bytes only
+        print(f"bench.drain: no WAL record breakdown ({error})", flush=True)
+        return False
+
+
+async def _wal(db: Database, start: str, end: str, orders: int, walinspect: bool) -> dict:
+    size = await db.fetchval("SELECT pg_wal_lsn_diff($2::text::pg_lsn, $1::text::pg_lsn)", start, end)
+    out: dict = {"wal_bytes_per_order": round(float(size) / orders)}
+    if walinspect:
+        rows = await db.fetch(
+            'SELECT "resource_manager/record_type" AS kind, count, combined_size'
+            " FROM pg_get_wal_stats($1::text::pg_lsn, $2::text::pg_lsn, true)"
+            " WHERE count > 0 ORDER BY combined_size DESC LIMIT 12",
+            start,
+            end,
+        )
+        out["wal_records_per_order"] = {
+            r["kind"]: {"bytes": round(r["combined_size"] / orders), "records": round(r["count"] / orders, 1)}
+            for r in rows
+        }
+    return out
 
 
 def _record(name: str, orders: int, items: int, wall: float, cpu: float, pg: dict, pg0: dict) -> dict:
