@@ -57,6 +57,7 @@ class Profile:
     lag_duration: float
     procrastinate_jobs: int
     procrastinate_lag_duration: float
+    lag_warmup: float = 1.0  # seconds at the lag rate before each lag window (not measured)
     extra_procrastinate_lag_rates: list[float] = field(default_factory=list)
     mediator_iterations: int = 20_000
     mediator_runs: int = 5
@@ -115,6 +116,7 @@ def profiles() -> dict[str, Profile]:
             lag_duration=20,
             procrastinate_jobs=10_000,
             procrastinate_lag_duration=10,
+            lag_warmup=2.0,
             extra_procrastinate_lag_rates=[250],
             mediator_iterations=50_000,
             mediator_runs=7,
@@ -131,6 +133,7 @@ def profiles() -> dict[str, Profile]:
             lag_duration=1,
             procrastinate_jobs=100,
             procrastinate_lag_duration=1,
+            lag_warmup=0.2,
             mediator_iterations=500,
             mediator_runs=2,
             p2_timeout=30,
@@ -247,7 +250,9 @@ async def main_async(args: argparse.Namespace, profile: Profile, out: Output) ->
             relay = await p2.relay_throughput(url, profile.relay_events, profile.p2_timeout)
             out.emit(relay)
             await server.settle(url)
-            lag = await p2.relay_lag(url, profile.lag_rate, profile.lag_duration, profile.p2_timeout)
+            lag = await p2.relay_lag(
+                url, profile.lag_rate, profile.lag_duration, profile.p2_timeout, profile.lag_warmup
+            )
             out.emit(lag)
             summary["relay_events_per_s"] = relay["events_per_s"]
             summary["relay_lag_rate"] = profile.lag_rate
@@ -269,13 +274,21 @@ async def main_async(args: argparse.Namespace, profile: Profile, out: Output) ->
                 out.emit(pt)
                 await server.settle(url)
                 pl = await p2.procrastinate_lag(
-                    url, profile.lag_rate, profile.procrastinate_lag_duration, profile.p2_timeout
+                    url,
+                    profile.lag_rate,
+                    profile.procrastinate_lag_duration,
+                    profile.p2_timeout,
+                    profile.lag_warmup,
                 )
                 out.emit(pl)
                 for rate in profile.extra_procrastinate_lag_rates:
                     out.emit(
                         await p2.procrastinate_lag(
-                            url, rate, profile.procrastinate_lag_duration, profile.p2_timeout
+                            url,
+                            rate,
+                            profile.procrastinate_lag_duration,
+                            profile.p2_timeout,
+                            profile.lag_warmup,
                         )
                     )
                 summary["procrastinate_jobs_per_s"] = pt["jobs_per_s"]
@@ -455,7 +468,7 @@ def table(records: list[dict]) -> str:
             )
         elif m == "p2_relay_lag":
             lines.append(
-                f"P2  relay lag at {r['rate']:g} events/s x {r['duration']:g} s: commit->handler p50 "
+                f"P2  relay lag at {r['rate']:g} events/s x {r['duration']:g} s (after {r.get('warmup', 0):g} s warm-up): commit->handler p50 "
                 f"{_f(r['lag_from_commit_p50_ms'])} ms, p99 {_f(r['lag_from_commit_p99_ms'])} ms, max "
                 f"{_f(r['lag_from_commit_max_ms'])} ms; send->handler p99 {_f(r['lag_from_send_p99_ms'])} ms;"
                 f" append p99 {_f(r['enqueue_p99_ms'])} ms"
@@ -467,7 +480,7 @@ def table(records: list[dict]) -> str:
             )
         elif m == "p2_procrastinate_lag":
             lines.append(
-                f"P2  procrastinate lag at {r['rate']:g} jobs/s x {r['duration']:g} s: defer->start p50 "
+                f"P2  procrastinate lag at {r['rate']:g} jobs/s x {r['duration']:g} s (after {r.get('warmup', 0):g} s warm-up): defer->start p50 "
                 f"{_f(r['lag_from_commit_p50_ms'])} ms, p99 {_f(r['lag_from_commit_p99_ms'])} ms, max "
                 f"{_f(r['lag_from_commit_max_ms'])} ms ({r['delivered']}/{r['jobs']} ran)"
             )

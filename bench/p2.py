@@ -164,7 +164,9 @@ async def relay_throughput(url: str, events: int, limit: float) -> dict:
         cpu = (_cpu() - cpu0) / elapsed
         await relay.stop()
         inbox = await db.fetchval("SELECT count(*) FROM inbox WHERE subscriber = 'bench.noop'")
-        left = await db.fetchval("SELECT count(*) FROM outbox WHERE subscriber = 'bench.noop' AND status <> 'delivered'")
+        left = await db.fetchval(
+            "SELECT count(*) FROM outbox WHERE subscriber = 'bench.noop' AND status <> 'delivered'"
+        )
         return {
             "measurement": "p2_relay_throughput",
             "events": events,
@@ -183,7 +185,23 @@ async def relay_throughput(url: str, events: int, limit: float) -> dict:
         await db.close()
 
 
-async def relay_lag(url: str, rate: float, duration: float, limit: float) -> dict:
+WARMUP_SEQ = 1_000_000_000  # warm-up sends are numbered from here, and not measured
+
+
+async def _warm_up(send, rate: float, seconds: float, limit: float) -> None:
+    """Send at the measured rate for `seconds` and wait until all of it arrived, then forget it:
+    the window starts with the pages the load touches written once since the CHECKPOINT before
+    it (their full-page images are in the WAL), the pool and the statements warm -- for the relay
+    and procrastinate alike."""
+    if seconds <= 0:
+        return
+    warm = _Paced(rate, seconds)
+    await warm.run(lambda seq: send(WARMUP_SEQ + seq))
+    await _wait_for(lambda: sum(1 for s in RECORDER.seen if s >= WARMUP_SEQ) >= warm.n - warm.errors, limit)
+    RECORDER.seen.clear()
+
+
+async def relay_lag(url: str, rate: float, duration: float, limit: float, warmup: float = 0.0) -> dict:
     settings = replace(Settings(), database_url=url, instance_id="bench-relay-lag")
     db = await Database(url, max_size=settings.db_pool_size).connect()
     producer = await Database(url, max_size=20).connect()  # the "web" side: its own pool, default size
@@ -214,6 +232,7 @@ async def relay_lag(url: str, rate: float, duration: float, limit: float) -> dic
             )
             producer.outbox_written()  # as UnitOfWork.commit does: the coalesced NOTIFY wakes the relay
 
+        await _warm_up(send, rate, warmup, limit)
         cpu0, t0 = _cpu(), perf()
         await paced.run(send)
         finished = await _wait_for(lambda: len(RECORDER.seen) >= paced.n - paced.errors, limit)
@@ -224,6 +243,7 @@ async def relay_lag(url: str, rate: float, duration: float, limit: float) -> dic
             "measurement": "p2_relay_lag",
             "rate": rate,
             "duration": duration,
+            "warmup": warmup,
             "events": paced.n,
             "producer_errors": paced.errors,
             "delivered": len(RECORDER.seen),
@@ -305,7 +325,9 @@ async def procrastinate_throughput(url: str, jobs: int, limit: float) -> dict:
     }
 
 
-async def procrastinate_lag(url: str, rate: float, duration: float, limit: float) -> dict:
+async def procrastinate_lag(
+    url: str, rate: float, duration: float, limit: float, warmup: float = 0.0
+) -> dict:
     await _procrastinate_schema(url)
     worker_app = _procrastinate_app(url, 20)
     producer_app = _procrastinate_app(url, 20)
@@ -319,6 +341,7 @@ async def procrastinate_lag(url: str, rate: float, duration: float, limit: float
         async def send(seq: int) -> None:
             await deferrer.defer_async(seq=seq)
 
+        await _warm_up(send, rate, warmup, limit)
         cpu0, t0 = _cpu(), perf()
         await paced.run(send)
         finished = await _wait_for(lambda: len(RECORDER.seen) >= paced.n - paced.errors, limit)
@@ -335,6 +358,7 @@ async def procrastinate_lag(url: str, rate: float, duration: float, limit: float
         "measurement": "p2_procrastinate_lag",
         "rate": rate,
         "duration": duration,
+        "warmup": warmup,
         "jobs": paced.n,
         "producer_errors": paced.errors,
         "delivered": len(RECORDER.seen),
