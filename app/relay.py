@@ -212,6 +212,11 @@ class _Batch:
     rows: list
     ids: list[int]
     keeper: asyncio.Task  # extends the rows' leases until they are settled
+    claimed_at: float = 0.0  # time.monotonic() at the claim
+
+    def age(self, row) -> float:
+        """Seconds since the row was committed: its age at the claim, plus the time since."""
+        return float(row["age"]) + time.monotonic() - self.claimed_at
 
 
 @dataclass
@@ -241,7 +246,8 @@ class Relay:
         self.handler_timeout = settings.relay_handler_timeout
         self.retention_seconds = settings.outbox_retention_seconds
         self.yield_seconds = settings.relay_yield_seconds
-        self._one_at_a_time = asyncio.Lock()  # for groups that yield to the synchronous path
+        self._turns = asyncio.Condition()  # groups that yield to the synchronous path take turns
+        self._yielder_running = False
         self.concurrency = concurrency or max(2, system.db.max_size // 2)
         self._limit = asyncio.Semaphore(self.concurrency)
         self.delivered = 0
@@ -380,7 +386,7 @@ class Relay:
         if not rows:
             return None
         ids = [r["id"] for r in rows]
-        return _Batch(rows, ids, asyncio.create_task(self._keep_leases(ids)))
+        return _Batch(rows, ids, asyncio.create_task(self._keep_leases(ids)), time.monotonic())
 
     async def _deliver_batch(self, batch: _Batch) -> None:
         """Deliver a batch, each subscriber's rows on a connection of their own, and settle them.
@@ -389,11 +395,14 @@ class Relay:
 
             async def bounded(group):
                 async with self._limit:
-                    if self._yields(group):
-                        YIELDED.inc()
-                        async with self._one_at_a_time:
-                            return await self._deliver_group(group)
-                    return await self._deliver_group(group)
+                    if not await self._take_turn(batch, group[0]):
+                        return await self._deliver_group(group)
+                    try:
+                        return await self._deliver_group(group)
+                    finally:
+                        async with self._turns:
+                            self._yielder_running = False
+                            self._turns.notify_all()
 
             groups = await asyncio.gather(*map(bounded, _groups(batch.rows)))
             await self._settle([o for group in groups for o in group])
@@ -404,14 +413,29 @@ class Relay:
         finally:
             batch.keeper.cancel()
 
-    def _yields(self, group: list) -> bool:
-        """Whether this group waits its turn behind other yielding groups: commands or queries
-        are in flight in this process (the synchronous path is busy), and its oldest row is
-        younger than `relay_yield_seconds` (the async side's lag budget under load). So a burst
-        of requests keeps the CPU and the outbox absorbs the async work; a backlog older than
-        the budget is delivered at full speed, whatever the load, and then the requests share."""
+    def _yields(self, batch: _Batch, oldest) -> bool:
+        """Whether a group yields to the synchronous path: commands or queries are in flight in
+        this process, and the group's oldest row is younger than `relay_yield_seconds` (the async
+        side's lag budget under load). Yielding groups are delivered one at a time, so a burst of
+        requests keeps the CPU and the outbox absorbs the async work; a backlog older than the
+        budget is delivered at full speed, whatever the load, and then the requests share."""
         mediator = getattr(self.system, "mediator", None)
-        return mediator is not None and mediator.in_flight > 0 and float(group[0]["age"]) < self.yield_seconds
+        return mediator is not None and mediator.in_flight > 0 and batch.age(oldest) < self.yield_seconds
+
+    async def _take_turn(self, batch: _Batch, oldest) -> bool:
+        """Wait while this group yields and another yielding group is being delivered. Returns
+        whether it runs as the yielding one (it must hand the turn on), or at full speed: the
+        requests are gone or its rows outgrew the budget while it waited. Waiters look again
+        each time a turn ends, so a backlog queued during a burst is not then delivered one
+        group at a time once the burst is over."""
+        async with self._turns:
+            while self._yields(batch, oldest):
+                if not self._yielder_running:
+                    self._yielder_running = True
+                    YIELDED.inc()
+                    return True
+                await self._turns.wait()
+        return False
 
     async def _keep_leases(self, ids: list[int]) -> None:
         while True:
@@ -433,7 +457,9 @@ class Relay:
             return await self._deliver_careful(rows)
         outcomes: list[Outcome] = []
         try:
-            seen = {r[0] for r in await self.db.fetch(INBOX_SEEN_SQL, subscriber, [r["message_id"] for r in rows])}
+            seen = {
+                r[0] for r in await self.db.fetch(INBOX_SEEN_SQL, subscriber, [r["message_id"] for r in rows])
+            }
             conflicts = 0
             while rows:
                 try:
@@ -494,7 +520,9 @@ class Relay:
                         break
                 else:
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
-            acknowledged = await self._acknowledge(uow.connection, [o.row["id"] for o in outcomes], subscriber, applied)
+            acknowledged = await self._acknowledge(
+                uow.connection, [o.row["id"] for o in outcomes], subscriber, applied
+            )
             try:
                 await uow.commit()  # the run's events, its staged rows, COMMIT
             except ConcurrencyError as error:  # a stream changed since a handler loaded it
@@ -667,4 +695,6 @@ def _groups(rows: list) -> list[list]:
     by_subscriber: dict[str, list] = {}
     for row in rows:
         by_subscriber.setdefault(row["subscriber"], []).append(row)
-    return [rows[i : i + GROUP_SIZE] for rows in by_subscriber.values() for i in range(0, len(rows), GROUP_SIZE)]
+    return [
+        rows[i : i + GROUP_SIZE] for rows in by_subscriber.values() for i in range(0, len(rows), GROUP_SIZE)
+    ]

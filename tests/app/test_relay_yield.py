@@ -1,7 +1,8 @@
 """The relay yields to the synchronous path: while a command or query is in flight in its process,
 it delivers one group at a time -- for rows younger than `relay_yield_seconds` -- and otherwise
 its groups run side by side. What must hold: a busy mediator serialises the groups, an idle one
-does not, and rows older than the budget are never held back by the load."""
+does not, groups that queued during a burst go side by side once it is over, and rows older
+than the budget are never held back by the load."""
 
 from __future__ import annotations
 
@@ -30,13 +31,14 @@ class Hold(Command):
 async def relay_and_call(db, settings):
     """A relay over four subscribers whose handlers measure how many groups run at once, and a
     way to keep one command in flight through the same system's mediator."""
-    running = {"now": 0, "most": 0}
+    running = {"now": 0, "most": 0, "started": asyncio.Event()}
     joined = asyncio.Condition()
 
     async def handler(event: TestEvent, uow: UnitOfWork, envelope: Envelope) -> None:
         async with joined:
             running["now"] += 1
             running["most"] = max(running["most"], running["now"])
+            running["started"].set()
             joined.notify_all()
             # wait for another group to join; under yielding none can, and this times out
             with contextlib.suppress(TimeoutError):
@@ -103,4 +105,20 @@ async def test_rows_older_than_the_budget_go_at_full_speed_whatever_the_load(rel
     async with call_in_flight(relay):
         assert await relay.drain() == SUBSCRIBERS
 
+    assert running["most"] >= 2
+
+
+async def test_groups_that_queued_during_a_burst_go_side_by_side_once_it_is_over(relay_and_call):
+    build, call_in_flight, running = relay_and_call
+    relay = build(yield_seconds=30.0)
+    await append(relay.system, 1, 1)
+
+    async with call_in_flight(relay):
+        drained = asyncio.create_task(relay.drain())
+        async with asyncio.timeout(5):
+            await running["started"].wait()  # one group has the turn; the other three queue
+        assert running["now"] == 1
+    # The call is over while the first group still waits for company: when its turn ends, the
+    # three that queued behind it run together, not one at a time.
+    assert await drained == SUBSCRIBERS
     assert running["most"] >= 2
