@@ -67,22 +67,29 @@ class Profile:
 
 
 def keeps_up(records: list[dict], deliveries_per_order: int = DELIVERIES_PER_ORDER) -> float:
-    """The highest passing rate at which switchboard's outbox backlog grew by less than one
-    second's worth of deliveries over the step: the async side kept pace with the requests. P1's
-    capacity only needs the request path to meet its p99; this says whether the rest followed."""
+    """The highest passing rate at which switchboard's outbox backlog grew by less than 5% of the
+    rows the step's orders created (1 s of them over a 20 s step): the async side kept pace with
+    the requests. P1's capacity only needs the request path to meet its p99; this says whether
+    the rest followed."""
     best = 0.0
     for r in records:
         grew = r["outbox_pending_after"] - r["outbox_pending_before"]
-        if r["passed"] and grew < r["rate"] * deliveries_per_order:
+        created = r["rate"] * deliveries_per_order * r.get("duration", 20)
+        if r["passed"] and grew < KEEPS_UP_SHARE * created:
             best = max(best, r["rate"])
     return best
 
 
+KEEPS_UP_SHARE = 0.05
+
+
 def profiles() -> dict[str, Profile]:
+    # quick must finish in <= 3 minutes (issue 5): 8 s steps from 500 req/s (its 2 s warm-up is
+    # at 500 too); `all` keeps 20 s steps from 250.
     base = P1Config(
         connections=2000,
-        rates=[250, 500, 1000, 1500],
-        duration=10,
+        rates=[500, 1000, 1500],
+        duration=8,
         warmup=2,
         drain_timeout=5,
         skus=1000,
@@ -533,7 +540,7 @@ def table(records: list[dict]) -> str:
             lines.append("capacity: " + ", ".join(caps) + f", ratio {summary.get('capacity_ratio', '-')}")
         if "switchboard_async_keeps_up_rps" in summary:
             lines.append(
-                "switchboard's async side kept up (outbox backlog grew by < 1 s of deliveries over a passing"
+                "switchboard's async side kept up (outbox backlog grew by < 5% of the rows its orders created over a passing"
                 f" step) up to {summary['switchboard_async_keeps_up_rps']:g} req/s"
             )
         if summary.get("little"):
