@@ -217,7 +217,8 @@ def create_app() -> Litestar:
         finally:
             notifier = pool_holder.pop("notifier")
             if notifier.task is not None:
-                await notifier.task
+                with contextlib.suppress(Exception):  # a failed NOTIFY only delayed a wake-up
+                    await notifier.task
             await pool_holder.pop("pool").close()
 
     @get("/health/ready")
