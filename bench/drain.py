@@ -114,7 +114,10 @@ async def _walinspect(db: Database) -> bool:
 async def _wal(db: Database, start: str, end: str, orders: int, walinspect: bool) -> dict:
     size = await db.fetchval("SELECT pg_wal_lsn_diff($2::text::pg_lsn, $1::text::pg_lsn)", start, end)
     out: dict = {"wal_bytes_per_order": round(float(size) / orders)}
-    if walinspect:
+    if walinspect and size > 0:
+        # pg_walinspect reads flushed WAL only, and the relay's commits do not wait for the flush:
+        # a durable commit (an xid of its own) flushes everything up to it first.
+        await db.execute("SELECT txid_current()")
         rows = await db.fetch(
             'SELECT "resource_manager/record_type" AS kind, count, combined_size'
             " FROM pg_get_wal_stats($1::text::pg_lsn, $2::text::pg_lsn, true)"

@@ -38,3 +38,22 @@ def test_bench_smoke(tmp_path: Path) -> None:
     summary = records[-1]
     assert summary["measurement"] == "summary" and summary["mediator_us"] > summary["direct_call_us"]
     assert "capacity:" in done.stdout and "target relay_throughput" in done.stdout
+
+
+def test_drain_smoke() -> None:
+    """bench.drain on 30 orders: both halves, every delivery made, the WAL accounted for."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.drain", "--orders", "30", "--concurrency", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = {r["measurement"]: r for r in map(json.loads, done.stdout.splitlines()) if r}
+    place, relay = records["drain_place"], records["drain_relay"]
+    assert place["items"] == 30
+    assert relay["items"] == 30 * 6 and relay["dead_letters"] == 0  # 6 deliveries per order
+    for half in (place, relay):
+        assert half["wal_bytes_per_order"] > 0
+        assert "Heap/INSERT" in half["wal_records_per_order"]  # pg_walinspect on the embedded server
