@@ -115,9 +115,13 @@ async def _wal(db: Database, start: str, end: str, orders: int, walinspect: bool
     size = await db.fetchval("SELECT pg_wal_lsn_diff($2::text::pg_lsn, $1::text::pg_lsn)", start, end)
     out: dict = {"wal_bytes_per_order": round(float(size) / orders)}
     if walinspect and size > 0:
-        # pg_walinspect reads flushed WAL only, and the relay's commits do not wait for the flush:
-        # a durable commit (an xid of its own) flushes everything up to it first.
-        await db.execute("SELECT txid_current()")
+        # pg_walinspect reads flushed WAL only, and the relay's commits do not wait for the flush
+        # (the WAL writer flushes them within wal_writer_delay): wait until it has.
+        deadline = time.monotonic() + 10
+        while not await db.fetchval("SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn", end):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"WAL not flushed up to {end} after 10 s")
+            await asyncio.sleep(0.02)  # noqa: ASYNC110 (polls the database)
         rows = await db.fetch(
             'SELECT "resource_manager/record_type" AS kind, count, combined_size'
             " FROM pg_get_wal_stats($1::text::pg_lsn, $2::text::pg_lsn, true)"
