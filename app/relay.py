@@ -394,15 +394,8 @@ class Relay:
         try:
 
             async def bounded(group):
-                async with self._limit:
-                    if not await self._take_turn(batch, group[0]):
-                        return await self._deliver_group(group)
-                    try:
-                        return await self._deliver_group(group)
-                    finally:
-                        async with self._turns:
-                            self._yielder_running = False
-                            self._turns.notify_all()
+                async with self._limit, self._turn(batch, group[0]):
+                    return await self._deliver_group(group)
 
             groups = await asyncio.gather(*map(bounded, _groups(batch.rows)))
             await self._settle([o for group in groups for o in group])
@@ -422,20 +415,26 @@ class Relay:
         mediator = getattr(self.system, "mediator", None)
         return mediator is not None and mediator.in_flight > 0 and batch.age(oldest) < self.yield_seconds
 
-    async def _take_turn(self, batch: _Batch, oldest) -> bool:
-        """Wait while this group yields and another yielding group is being delivered. Returns
-        whether it runs as the yielding one (it must hand the turn on), or at full speed: the
-        requests are gone or its rows outgrew the budget while it waited. Waiters look again
-        each time a turn ends, so a backlog queued during a burst is not then delivered one
-        group at a time once the burst is over."""
+    @contextlib.asynccontextmanager
+    async def _turn(self, batch: _Batch, oldest):
+        """Around a group's delivery: while it yields, wait until no other yielding group is being
+        delivered, and hand the turn on when done. Waiters look again each time a turn ends, so
+        a group goes at full speed as soon as the requests are gone or its rows outgrow the
+        budget -- a backlog queued during a burst is not delivered one group at a time after it."""
         async with self._turns:
-            while self._yields(batch, oldest):
-                if not self._yielder_running:
-                    self._yielder_running = True
-                    YIELDED.inc()
-                    return True
+            while self._yields(batch, oldest) and self._yielder_running:
                 await self._turns.wait()
-        return False
+            mine = self._yields(batch, oldest)
+            if mine:
+                self._yielder_running = True
+                YIELDED.inc()
+        try:
+            yield
+        finally:
+            if mine:
+                async with self._turns:
+                    self._yielder_running = False
+                    self._turns.notify_all()
 
     async def _keep_leases(self, ids: list[int]) -> None:
         while True:

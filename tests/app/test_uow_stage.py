@@ -16,6 +16,13 @@ CREATE TABLE IF NOT EXISTS uow_stage_test (
 COLUMNS = {"key": "text", "n": "int"}
 
 
+def add_new_ticker(uow) -> None:
+    """One event for ticker 00001, decided as if its stream were empty (version 1)."""
+    ticker = Ticker("00001")
+    ticker.tick()
+    uow.add(ticker)
+
+
 @pytest.fixture
 async def system(db, settings):
     await db.execute(TABLE_DDL)
@@ -30,9 +37,7 @@ async def rows(db) -> list[tuple]:
 async def test_staged_rows_commit_with_the_events_in_one_statement(system, db):
     uow = system.uow()
     async with uow:
-        ticker = Ticker("00001")
-        ticker.tick()
-        uow.add(ticker)
+        add_new_ticker(uow)
         uow.stage("uow_stage_test", COLUMNS, [("a", 1), ("b", 2)])
         await uow.commit()
 
@@ -45,17 +50,13 @@ async def test_staged_rows_commit_with_the_events_in_one_statement(system, db):
 async def test_staged_rows_are_not_written_when_the_append_loses_a_concurrency_race(system, db):
     first = system.uow()
     async with first:
-        ticker = Ticker("00001")
-        ticker.tick()
-        first.add(ticker)
+        add_new_ticker(first)
         await first.commit()
 
     stale = system.uow()
     with pytest.raises(ConcurrencyError):
         async with stale:
-            ticker = Ticker("00001")  # decided on an empty stream: version 1 is taken
-            ticker.tick()
-            stale.add(ticker)
+            add_new_ticker(stale)  # decided on an empty stream: version 1 is taken
             stale.stage("uow_stage_test", COLUMNS, [("a", 1)])
             await stale.commit()
 
