@@ -48,6 +48,9 @@ from urllib.parse import urlsplit
 perf = time.perf_counter
 
 _HEAD_END = b"\r\n\r\n"
+# granian (hyper) closes a keep-alive connection that has waited this long for its next request:
+# its HTTP/1 header read timeout (30 s by default) also runs while the connection is idle.
+SERVER_IDLE_CLOSE_S = 30.0
 
 
 def raise_nofile(wanted: int) -> dict:
@@ -134,6 +137,7 @@ class _Conn(asyncio.Protocol):
         "status",
         "closing",
         "alive",
+        "active",
     )
 
     def __init__(self, gen: LoadGenerator) -> None:
@@ -147,6 +151,7 @@ class _Conn(asyncio.Protocol):
         self.status = 0
         self.closing = False
         self.alive = False
+        self.active = perf()  # when it last opened or answered: see LoadGenerator.refresh
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -274,6 +279,25 @@ class LoadGenerator:
             "connect_seconds": round(perf() - started, 3),
         }
 
+    async def refresh(self, idle_seconds: float) -> dict:
+        """Reopen the connections that have been idle longer than `idle_seconds`, then top up
+        to the target. The server closes a connection idle for SERVER_IDLE_CLOSE_S; a request
+        written just as it does so is lost ("connection_lost", an error of the step) though
+        the app never saw it. Connections go idle for long between steps (a failed rate waits
+        for the server to go quiet), and during a step each waits up to connections / rate
+        seconds for its turn: with `idle_seconds` + the step's length below the server's limit,
+        no connection reaches it during a step."""
+        now = perf()
+        stale = [c for c in self.idle if c.alive and c.scheduled is None and now - c.active > idle_seconds]
+        for conn in stale:
+            conn.alive = False
+            if conn.transport is not None:
+                conn.transport.close()
+        if stale:
+            self.idle = collections.deque(c for c in self.idle if c.alive)
+            self.conns = [c for c in self.conns if c.alive]
+        return {"connections_reopened": len(stale), **await self.connect()}
+
     def live(self) -> list[_Conn]:
         return [c for c in self.conns if c.alive]
 
@@ -288,6 +312,7 @@ class LoadGenerator:
 
     def _answered(self, conn: _Conn, status: int) -> None:
         now = perf()
+        conn.active = now
         state = self._step
         scheduled, conn.scheduled = conn.scheduled, None
         if state is not None and scheduled is not None:

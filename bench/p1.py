@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from bench import env
-from bench.loadgen import LoadGenerator, StepResult
+from bench.loadgen import SERVER_IDLE_CLOSE_S, LoadGenerator, StepResult
 
 P99_LIMIT_MS = 200.0
 
@@ -141,8 +141,10 @@ async def run_target(
         while plan:
             rate = plan.pop(0)
             attempts[rate] = attempts.get(rate, 0) + 1
-            if len(gen.live()) < config.connections:  # keep the count: reopen what was lost
-                emit({"measurement": "p1_reconnect", "target": target, **await gen.connect()})
+            # keep the count: reopen what was lost, and what the server would close mid-step
+            opened = await gen.refresh(max(0.0, SERVER_IDLE_CLOSE_S - config.duration - IDLE_MARGIN_S))
+            if opened["connections_reopened"] or opened["connections_open"] < config.connections:
+                emit({"measurement": "p1_reconnect", "target": target, **opened})
             before = await _db_stats(stats_conn)
             spy = (
                 await _start_profile(
@@ -284,6 +286,7 @@ async def _sample_waits(url: str, every: float = 0.05) -> dict:
 # the step starts from the same state as the first try -- not with a backlog about to outgrow
 # the relay's yield budget (SWITCHBOARD_RELAY_YIELD) in the middle of it.
 QUIET_LIMIT_S = 90.0
+IDLE_MARGIN_S = 2.0  # a refreshed connection stays this far below the server's idle limit in a step
 
 
 async def _quiet(pid: int, limit: float, below: float = 0.15) -> float:
