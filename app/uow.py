@@ -46,6 +46,27 @@ FROM ev
 APPEND_SQL = APPEND_CTES + APPEND_RESULT
 APPEND_PARAMS = 8
 
+# The same for one event, the usual case (a command records one event): plain parameters instead
+# of arrays, which asyncpg encodes element by element (half this statement's client CPU on the
+# request path). Returns the position and the outbox rows written.
+APPEND_ONE_CTES = """
+WITH ev AS (
+    INSERT INTO events (event_id, stream_id, version, type, data, metadata)
+    VALUES ($1, $2, $3, $4, $5::jsonb, $6::jsonb)
+    RETURNING position, event_id, stream_id, type, data, metadata
+), ob AS (
+    INSERT INTO outbox (message_id, position, subscriber, type, partition_key, payload, headers)
+    SELECT ev.event_id, ev.position, s.subscriber, ev.type, ev.stream_id, ev.data, ev.metadata
+    FROM ev CROSS JOIN unnest($7::text[]) AS s(subscriber)
+    RETURNING 1
+)"""
+APPEND_ONE_RESULT = """
+SELECT position, (SELECT count(*) FROM ob)
+FROM ev
+"""
+APPEND_ONE_SQL = APPEND_ONE_CTES + APPEND_ONE_RESULT
+APPEND_ONE_PARAMS = 7
+
 # Staged rows (UnitOfWork.stage) ride in the append statement as more data-modifying CTEs: one
 # round trip, and they commit or fail with the events.
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]*")
@@ -66,15 +87,17 @@ def _staged_insert(staged: _Staged, first_param: int) -> str:
     return f'INSERT INTO "{staged.table}" ({names}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING'
 
 
-def _append_with(staged: list[_Staged]) -> str:
-    key = tuple((s.table, s.columns) for s in staged)
+def _append_with(staged: list[_Staged], *, one: bool = False) -> str:
+    """The append statement (for one event, or any number) with the staged rows' inserts."""
+    key = (one, *((s.table, s.columns) for s in staged))
     sql = _append_sql.get(key)
     if sql is None:
-        ctes, param = [], APPEND_PARAMS + 1
+        ctes, param = [], (APPEND_ONE_PARAMS if one else APPEND_PARAMS) + 1
         for i, entry in enumerate(staged):
             ctes.append(f", staged_{i} AS ({_staged_insert(entry, param)})")
             param += len(entry.columns)
-        sql = _append_sql[key] = APPEND_CTES + "".join(ctes) + APPEND_RESULT
+        head, tail = (APPEND_ONE_CTES, APPEND_ONE_RESULT) if one else (APPEND_CTES, APPEND_RESULT)
+        sql = _append_sql[key] = head + "".join(ctes) + tail
     return sql
 
 
@@ -293,11 +316,19 @@ class UnitOfWork:
                     sub_ids.append(event_id)
                     sub_names.append(subscriber)
         try:
-            positions, outbox_rows = await self.connection.fetchrow(
-                _append_with(staged) if staged else APPEND_SQL,
-                ids, streams, versions, types, datas, [metadata] * len(ids), sub_ids, sub_names,
-                *_columns_of(staged),
-            )
+            if len(ids) == 1:
+                position, outbox_rows = await self.connection.fetchrow(
+                    _append_with(staged, one=True) if staged else APPEND_ONE_SQL,
+                    ids[0], streams[0], versions[0], types[0], datas[0], metadata, sub_names,
+                    *_columns_of(staged),
+                )
+                positions = [position]
+            else:
+                positions, outbox_rows = await self.connection.fetchrow(
+                    _append_with(staged) if staged else APPEND_SQL,
+                    ids, streams, versions, types, datas, [metadata] * len(ids), sub_ids, sub_names,
+                    *_columns_of(staged),
+                )
         except asyncpg.UniqueViolationError as error:
             if error.constraint_name == "events_stream_version":
                 raise ConcurrencyError(f"stream changed concurrently: {error.detail}") from None

@@ -341,6 +341,30 @@ async def test_commit_writes_one_outbox_row_per_subscriber_of_each_event(system,
     assert {(r["type"], r["subscriber"]) for r in rows} == expected
 
 
+async def test_a_units_positions_are_the_stored_positions_of_its_events_one_or_several(system, db):
+    # one event goes through the plain-parameter statement, several through the array one
+    async with system.uow() as uow:
+        uow.add(Order.place(uuid.uuid4(), "cust-1", [("sku-1", 2)], "pm_card_ok"))
+        await uow.commit()
+    one = list(uow.positions)
+    async with system.uow() as uow:
+        order = Order.place(uuid.uuid4(), "cust-2", [("sku-1", 1)], "pm_card_ok")
+        order.mark_paid()
+        uow.add(order)
+        await uow.commit()
+    several = list(uow.positions)
+
+    stored = [r["position"] for r in await db.fetch("SELECT position FROM events ORDER BY position")]
+    assert (len(one), len(several)) == (1, 2)
+    assert one + several == stored
+    by_position = await db.fetch("SELECT position, count(*) AS n FROM outbox GROUP BY position ORDER BY position")
+    assert [(r["position"], r["n"]) for r in by_position] == [
+        (stored[0], len(system.catalog.subscribers[OrderPlaced])),
+        (stored[1], len(system.catalog.subscribers[OrderPlaced])),
+        (stored[2], len(system.catalog.subscribers[OrderPaid])),
+    ]
+
+
 async def test_each_outbox_row_carries_its_events_id_position_stream_and_payload(system, db):
     order_id = await place_order(system)
 
