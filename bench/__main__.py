@@ -97,6 +97,7 @@ def profiles() -> dict[str, Profile]:
         refine=True,
         backlog=4096,
         backpressure=20000,
+        ladder_budget=50.0,  # quick's ladder per target: the whole command stays under 3 minutes
     )
     return {
         "quick": Profile(
@@ -117,6 +118,7 @@ def profiles() -> dict[str, Profile]:
                 duration=20,
                 warmup=5,
                 drain_timeout=15,
+                ladder_budget=None,
             ),
             relay_events=100_000,
             lag_rate=1000,
@@ -465,6 +467,12 @@ def table(records: list[dict]) -> str:
                 )
             )
         lines += _grid(rows)
+        for r in records:
+            if r["measurement"] == "p1_budget_spent":
+                lines.append(
+                    f"{r['target']}: ladder budget spent after {r['seconds']} s; not tried: "
+                    + (", ".join(f"{x:g}" for x in r["skipped_rates"]) or "-")
+                )
         lines.append("")
     for r in records:
         m = r["measurement"]
@@ -585,6 +593,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=float, nargs="+", help="P1 rates (req/s)")
     p.add_argument("--duration", type=float, help="P1 seconds per rate")
     p.add_argument("--skus", type=int, help="SKUs the orders spread over")
+    p.add_argument(
+        "--ladder-budget",
+        dest="ladder_budget",
+        type=float,
+        help="seconds a P1 target's ladder may take before no further step starts (quick: 50)",
+    )
     p.add_argument("--targets", default="switchboard,baseline", help="P1 servers, in order (comma-separated)")
     p.add_argument(
         "--profile",
@@ -607,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     if set(args.targets) - {"switchboard", "baseline", "switchboard-norelay"}:
         p.error("--targets: switchboard, baseline, switchboard-norelay (diagnosis: no relay in the process)")
     profile = profiles()[args.profile]
-    for name in ("connections", "rates", "duration", "skus", "workers"):
+    for name in ("connections", "rates", "duration", "skus", "workers", "ladder_budget"):
         if getattr(args, name) is not None:
             setattr(profile.p1, name, getattr(args, name))
     profile.p1.profile = args.pyspy

@@ -36,6 +36,9 @@ class P1Config:
     workers: int = 1
     profile: bool = False  # py-spy the server during every measured step
     retry_failed: bool = True  # a failed rate is tried once more before it ends the ladder
+    # Seconds a target's ladder may take (steps, retries and the waits for quiet between them):
+    # once spent, no further step starts. None: no limit. quick sets one to stay under 3 minutes.
+    ladder_budget: float | None = None
 
 
 def passed(result: StepResult) -> bool:
@@ -138,7 +141,19 @@ async def run_target(
         refined = False
         cooldown = 0.0
         attempts: dict[float, int] = {}
+        ladder_started = time.perf_counter()
         while plan:
+            spent = time.perf_counter() - ladder_started
+            if config.ladder_budget is not None and tested and spent > config.ladder_budget:
+                emit(
+                    {
+                        "measurement": "p1_budget_spent",
+                        "target": target,
+                        "seconds": round(spent, 1),
+                        "skipped_rates": plan,
+                    }
+                )
+                break
             rate = plan.pop(0)
             attempts[rate] = attempts.get(rate, 0) + 1
             # keep the count: reopen what was lost, and what the server would close mid-step
@@ -201,7 +216,7 @@ async def run_target(
             # This machine is shared and noisy: a failed rate gets one more try, once the server
             # has gone quiet again, and fails only if that fails too (both targets alike).
             if attempts[rate] == 1 and config.retry_failed:
-                cooldown = await _quiet(proc.pid, limit=QUIET_LIMIT_S)
+                cooldown = await _quiet(proc.pid, limit=_quiet_limit(config, ladder_started))
                 plan.insert(0, rate)
                 continue
             # The first failure ends the ladder, after at most one step between the highest
@@ -211,7 +226,7 @@ async def run_target(
                 mid = round((low + rate) / 2 / 25) * 25
                 if low < mid < rate:
                     refined = True
-                    cooldown = await _quiet(proc.pid, limit=QUIET_LIMIT_S)
+                    cooldown = await _quiet(proc.pid, limit=_quiet_limit(config, ladder_started))
                     plan = [mid]
                     continue
             break
@@ -287,6 +302,13 @@ async def _sample_waits(url: str, every: float = 0.05) -> dict:
 # the relay's yield budget (SWITCHBOARD_RELAY_YIELD) in the middle of it.
 QUIET_LIMIT_S = 90.0
 IDLE_MARGIN_S = 2.0  # a refreshed connection stays this far below the server's idle limit in a step
+
+
+def _quiet_limit(config: P1Config, ladder_started: float) -> float:
+    """How long to wait for quiet: QUIET_LIMIT_S, or what is left of the ladder's budget."""
+    if config.ladder_budget is None:
+        return QUIET_LIMIT_S
+    return max(0.0, min(QUIET_LIMIT_S, config.ladder_budget - (time.perf_counter() - ladder_started)))
 
 
 async def _quiet(pid: int, limit: float, below: float = 0.15) -> float:

@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "smoke.jsonl"
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "data")],
+        # two rates and no ladder budget: the first step runs, the budget then ends the ladder
+        [sys.executable, "-m", "bench", "smoke", "--out", str(out), "--data-dir", str(tmp_path / "data")]
+        + ["--rates", "20", "40", "--ladder-budget", "0"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -28,6 +30,12 @@ def test_bench_smoke(tmp_path: Path) -> None:
     records = [json.loads(line) for line in out.read_text().splitlines()]
     kinds = {r["measurement"] for r in records}
     assert {"setup", "p1", "p2_relay_throughput", "p2_relay_lag", "mediator_cost", "summary"} <= kinds
+    assert [(r["rate"], r["target"]) for r in records if r["measurement"] == "p1"] == [
+        (20, "switchboard"),
+        (20, "baseline"),
+    ]
+    spent = [r for r in records if r["measurement"] == "p1_budget_spent"]
+    assert [(r["target"], r["skipped_rates"]) for r in spent] == [("switchboard", [40]), ("baseline", [40])]
     for step in (r for r in records if r["measurement"] == "p1"):
         # every request answered, none failed: the generator, both servers and the database work
         assert step["completed"] == step["scheduled"] and step["errors"] == 0 and step["non_2xx"] == 0, step
