@@ -97,7 +97,7 @@ def profiles() -> dict[str, Profile]:
         refine=True,
         backlog=4096,
         backpressure=20000,
-        ladder_budget=50.0,  # quick's ladder per target: the whole command stays under 3 minutes
+        ladder_budget=30.0,  # quick's ladder per target: the whole command stays under 3 minutes
     )
     return {
         "quick": Profile(
@@ -597,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "--ladder-budget",
         dest="ladder_budget",
         type=float,
-        help="seconds a P1 target's ladder may take before no further step starts (quick: 50)",
+        help="seconds a P1 target's ladder may take before no further step starts (quick: 30)",
     )
     p.add_argument("--targets", default="switchboard,baseline", help="P1 servers, in order (comma-separated)")
     p.add_argument(
