@@ -82,14 +82,19 @@ class _Staged:
 
 
 def _staged_insert(staged: _Staged, first_param: int) -> str:
+    """The insert of an entry's rows: one row as plain parameters, more as one array per column
+    (see _columns_of)."""
     names = ", ".join(f'"{name}"' for name, _ in staged.columns)
+    if len(staged.rows) == 1:
+        values = ", ".join(f"${first_param + i}::{kind}" for i, (_, kind) in enumerate(staged.columns))
+        return f'INSERT INTO "{staged.table}" ({names}) VALUES ({values}) ON CONFLICT DO NOTHING'
     arrays = ", ".join(f"${first_param + i}::{kind}[]" for i, (_, kind) in enumerate(staged.columns))
     return f'INSERT INTO "{staged.table}" ({names}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING'
 
 
 def _append_with(staged: list[_Staged], *, one: bool = False) -> str:
     """The append statement (for one event, or any number) with the staged rows' inserts."""
-    key = (one, *((s.table, s.columns) for s in staged))
+    key = (one, *((s.table, s.columns, len(s.rows) == 1) for s in staged))
     sql = _append_sql.get(key)
     if sql is None:
         ctes, param = [], (APPEND_ONE_PARAMS if one else APPEND_PARAMS) + 1
@@ -109,9 +114,16 @@ def _merged(staged: list[_Staged]) -> list[_Staged]:
     return [_Staged(table, columns, tuple(rows)) for (table, columns), rows in by_shape.items()]
 
 
-def _columns_of(staged: list[_Staged]) -> list[list]:
-    """The staged rows as one array per column, in statement parameter order."""
-    return [[row[i] for row in entry.rows] for entry in staged for i in range(len(entry.columns))]
+def _columns_of(staged: list[_Staged]) -> list:
+    """The staged rows in statement parameter order: an entry's one row as its values, more rows
+    as one array per column (see _staged_insert)."""
+    params: list = []
+    for entry in staged:
+        if len(entry.rows) == 1:
+            params.extend(entry.rows[0])
+        else:
+            params.extend([row[i] for row in entry.rows] for i in range(len(entry.columns)))
+    return params
 
 LOAD_SQL = "SELECT type, data FROM events WHERE stream_id = $1 ORDER BY version"
 

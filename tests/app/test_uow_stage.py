@@ -34,14 +34,16 @@ async def rows(db) -> list[tuple]:
     return [tuple(r) for r in await db.fetch("SELECT key, n FROM uow_stage_test ORDER BY key")]
 
 
-async def test_staged_rows_commit_with_the_events_in_one_statement(system, db):
+# one row goes in as plain parameters, several as one array per column: both ways must write them
+@pytest.mark.parametrize("staged", [[("a", 1)], [("a", 1), ("b", 2)]], ids=["one row", "two rows"])
+async def test_staged_rows_commit_with_the_events_in_one_statement(system, db, staged):
     uow = system.uow()
     async with uow:
         add_new_ticker(uow)
-        uow.stage("uow_stage_test", COLUMNS, [("a", 1), ("b", 2)])
+        uow.stage("uow_stage_test", COLUMNS, staged)
         await uow.commit()
 
-    assert await rows(db) == [("a", 1), ("b", 2)]
+    assert await rows(db) == staged
     # the same statement: the rows were written by the transaction that appended the event
     [event_tx] = await db.fetch("SELECT xmin::text AS tx FROM events")
     assert {r["tx"] for r in await db.fetch("SELECT xmin::text AS tx FROM uow_stage_test")} == {event_tx["tx"]}
@@ -63,14 +65,21 @@ async def test_staged_rows_are_not_written_when_the_append_loses_a_concurrency_r
     assert await rows(db) == []
 
 
-async def test_staged_rows_without_events_are_written_on_commit_and_conflicts_skipped(system, db):
+@pytest.mark.parametrize(
+    ("staged", "expected"),
+    [([("a", 1)], [("a", 0)]), ([("a", 1), ("c", 3)], [("a", 0), ("c", 3)])],
+    ids=["one row", "two rows"],
+)
+async def test_staged_rows_without_events_are_written_on_commit_and_conflicts_skipped(
+    system, db, staged, expected
+):
     await db.execute("INSERT INTO uow_stage_test VALUES ('a', 0)")
     uow = system.uow()
     async with uow:
-        uow.stage("uow_stage_test", COLUMNS, [("a", 1), ("c", 3)])
+        uow.stage("uow_stage_test", COLUMNS, staged)
         await uow.commit()
 
-    assert await rows(db) == [("a", 0), ("c", 3)]
+    assert await rows(db) == expected
 
 
 async def test_staged_rows_of_a_unit_that_never_commits_are_dropped(system, db):
