@@ -246,6 +246,7 @@ class Relay:
         self.handler_timeout = settings.relay_handler_timeout
         self.retention_seconds = settings.outbox_retention_seconds
         self.yield_seconds = settings.relay_yield_seconds
+        self.linger_seconds = settings.relay_linger_seconds
         self._turns = asyncio.Condition()  # groups that yield to the synchronous path take turns
         self._yielder_running = False
         self.concurrency = concurrency or max(2, system.db.max_size // 2)
@@ -309,6 +310,9 @@ class Relay:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
                     self._wake.clear()
+                    if self.linger_seconds > 0 and not self._stopping:
+                        # batch the rows of the commits that follow this one (see Settings)
+                        await asyncio.sleep(self.linger_seconds)
             if in_flight:  # a graceful stop: finish the batches in hand (stop() bounds the wait)
                 await asyncio.wait(in_flight)
         finally:

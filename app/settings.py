@@ -45,6 +45,10 @@ class Settings:
     # younger than this (seconds): the synchronous path keeps the CPU, the async side catches up
     # when it is quiet. Older rows go at full speed whatever the load. 0: never yield.
     relay_yield_seconds: float = 30.0
+    # After a wake-up, the relay waits this long (seconds) before it claims, so the rows that
+    # commit meanwhile go in the same claim and the same delivery transactions: at moderate rates
+    # it would otherwise claim each commit's rows alone. It adds at most this much lag. 0: none.
+    relay_linger_seconds: float = 0.01
     outbox_retention_seconds: float = 3600.0  # delivered rows stay visible in `outbox` this long
     retry_base_seconds: float = 0.5
     retry_cap_seconds: float = 60.0
@@ -72,6 +76,7 @@ class Settings:
             relay_poll_seconds=_float("SWITCHBOARD_RELAY_POLL", 0.5),
             relay_lease_seconds=_float("SWITCHBOARD_RELAY_LEASE", 30.0),
             relay_yield_seconds=_float("SWITCHBOARD_RELAY_YIELD", 30.0),
+            relay_linger_seconds=_float("SWITCHBOARD_RELAY_LINGER", 0.01),
             outbox_retention_seconds=_float("SWITCHBOARD_OUTBOX_RETENTION", 3600.0),
             retry_base_seconds=_float("SWITCHBOARD_RETRY_BASE", 0.5),
             retry_cap_seconds=_float("SWITCHBOARD_RETRY_CAP", 60.0),

@@ -15,6 +15,7 @@ from app.relay import Relay, backoff_delay
 from tests.app.relay_worker import (
     SUBSCRIBER,
     TestEvent,
+    Ticker,
     append,
     applied,
     deliver_everything,
@@ -456,3 +457,43 @@ async def test_delivered_rows_past_the_retention_period_are_purged_in_batches_an
     assert [r["id"] for r in left] == [old[0]["id"]] + [r["id"] for r in left[1:]]
     assert len(left) == 13 - 9  # the 3 recent delivered rows and the undelivered one stay
     assert [r["status"] for r in left] == ["pending"] + ["delivered"] * 3
+
+
+# -- lingering ----------------------------------------------------------------------------------
+
+
+async def test_after_a_wake_up_the_relay_lingers_so_the_next_commits_rows_go_in_the_same_claim(db, settings):
+    settings = replace(settings, relay_linger_seconds=0.5)  # far longer than two commits take
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder()))
+    claims: list[int] = []
+    idle = asyncio.Event()
+    claim = relay._claim
+
+    async def counted_claim():
+        batch = await claim()
+        if batch is None:
+            idle.set()  # nothing was due: the relay now waits for a wake-up
+        else:
+            claims.append(len(batch.rows))
+        return batch
+
+    relay._claim = counted_claim
+    relay.start()
+    try:
+        await asyncio.wait_for(idle.wait(), 10)
+        await append(relay.system, 1, 1)  # one commit wakes the relay ...
+        async with relay.system.uow() as uow:  # ... and the next one, for another key, commits while it lingers
+            ticker = Ticker("00001")
+            ticker.tick()
+            uow.add(ticker)
+            await uow.commit()
+
+        async def both_delivered() -> bool:
+            return await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'delivered'") == 2
+
+        await wait_until(both_delivered, what="both rows to be delivered")
+    finally:
+        await relay.stop(grace=10)
+
+    assert claims == [2]  # one claim took both commits' rows
+    assert await applied(db) == {"ticker-00000": [1], "ticker-00001": [1]}
