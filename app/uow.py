@@ -47,7 +47,8 @@ APPEND_SQL = APPEND_CTES + APPEND_RESULT
 APPEND_PARAMS = 8
 
 # The same for one event, the usual case (a command records one event): plain parameters instead
-# of arrays, which asyncpg encodes element by element (half this statement's client CPU on the
+# of one-element arrays, which asyncpg encodes element by element and PostgreSQL unnests and
+# joins (measured: 81 -> 65 us of client CPU per statement, and a fifth less PostgreSQL CPU on the
 # request path). Returns the position and the outbox rows written.
 APPEND_ONE_CTES = """
 WITH ev AS (
