@@ -65,3 +65,19 @@ def test_drain_smoke() -> None:
     for half in (place, relay):
         assert half["wal_bytes_per_order"] > 0
         assert "Heap/INSERT" in half["wal_records_per_order"]  # pg_walinspect on the embedded server
+
+
+def test_inprocess_smoke() -> None:
+    """bench.inprocess on 30 orders: both apps placed them all and were measured, in turn."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.inprocess", "--orders", "30", "--concurrency", "4", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["app"] for r in records] == ["switchboard", "baseline"]
+    for record in records:
+        assert record["orders"] == 30 and record["cpu_ms_per_order"] > 0 and record["orders_per_s"] > 0
