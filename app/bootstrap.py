@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.db import Database
-from app.mediator import Mediator, Module, Subscription, inject, inject_task
+from app.eventstore import EventCatalog
+from app.mediator import Mediator
 from app.messages import (
     Command,
     CommandRejected,
@@ -24,7 +25,8 @@ from app.messages import (
 from app.registry import Registry
 from app.remote import MessageCatalog, RemoteTransport
 from app.settings import Settings
-from app.uow import EventCatalog, UnitOfWork
+from app.uow import UnitOfWork
+from app.wiring import Module, Subscription, inject, inject_task
 
 RELAY_PASSES = ("uow", "envelope")  # subscriber parameters the relay fills per delivery
 

@@ -29,9 +29,9 @@ from prometheus_client import Counter, Histogram
 from app import context
 from app.bootstrap import System
 from app.db import OUTBOX_CHANNEL
-from app.mediator import Envelope
 from app.messages import ConcurrencyError, PermanentError
 from app.uow import UnitOfWork
+from app.wiring import Envelope
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,8 @@ import msgspec
 from app import context
 from app.aggregate import Aggregate
 from app.db import Database
-from app.messages import ConcurrencyError, Event, NotFound
+from app.eventstore import EventCatalog
+from app.messages import ConcurrencyError, NotFound
 
 A = TypeVar("A", bound=Aggregate)
 
@@ -145,21 +146,6 @@ SELECT * FROM unnest($1::text[], $2::int[], $3::jsonb[])
 ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, state = excluded.state, taken_at = now()
 WHERE snapshots.version < excluded.version
 """
-
-
-class EventCatalog:
-    """Every event type by topic, and the subscription names each one fans out to."""
-
-    def __init__(self, subscribers: Mapping[type[Event], Sequence[str]], types: Sequence[type[Event]] = ()):
-        self.types: dict[str, type[Event]] = {t.topic(): t for t in (*types, *subscribers)}
-        self.subscribers: dict[type[Event], tuple[str, ...]] = {t: tuple(s) for t, s in subscribers.items()}
-        self._decoders = {topic: msgspec.json.Decoder(t) for topic, t in self.types.items()}
-
-    def decode(self, topic: str, data: str | bytes) -> Event:
-        try:
-            return self._decoders[topic].decode(data)
-        except KeyError:
-            raise LookupError(f"unknown event type {topic!r}: is its module in MODULES?") from None
 
 
 class UnitOfWork:

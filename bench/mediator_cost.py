@@ -18,8 +18,9 @@ from datetime import timedelta
 import aiobreaker
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from app.mediator import Mediator, inject
+from app.mediator import Mediator
 from app.messages import Command
+from app.wiring import inject
 
 perf = time.perf_counter
 

@@ -1,6 +1,6 @@
 """Wiring: inventory's messages, subscriptions and routes."""
 
-from app.mediator import Module, Subscription
+from app.wiring import Module, Subscription
 from modules.inventory import api, handlers
 from modules.inventory.commands import AddStock, ReserveStock
 from modules.inventory.events import ReservationCommitted, ReservationReleased, StockAdded, StockReserved

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from app.db import Database
-from app.mediator import Envelope
 from app.messages import Event
 from app.uow import UnitOfWork
+from app.wiring import Envelope
 from modules.notifications.queries import ListNotifications, NotificationView
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 

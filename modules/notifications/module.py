@@ -1,6 +1,6 @@
 """Wiring: notifications' subscription, query and route."""
 
-from app.mediator import Module, Subscription
+from app.wiring import Module, Subscription
 from modules.notifications import api, handlers
 from modules.notifications.queries import ListNotifications
 from modules.payments.events import PaymentCaptured, PaymentDeclined

@@ -1,6 +1,6 @@
 """Wiring: orders' messages, subscriptions and routes."""
 
-from app.mediator import Module, Subscription
+from app.wiring import Module, Subscription
 from modules.orders import api, handlers, read_model
 from modules.orders.commands import PlaceOrder
 from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPlaced

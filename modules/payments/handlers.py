@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from app.mediator import Envelope
 from app.uow import UnitOfWork
+from app.wiring import Envelope
 from modules.orders.events import OrderPlaced
 from modules.payments.aggregate import Payment
 from modules.payments.gateway import PaymentProvider

@@ -1,6 +1,6 @@
 """Wiring: payments' subscription and its provider port."""
 
-from app.mediator import Module, Subscription
+from app.wiring import Module, Subscription
 from modules.orders.events import OrderPlaced
 from modules.payments import handlers
 from modules.payments.events import PaymentCaptured, PaymentDeclined

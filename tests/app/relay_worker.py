@@ -25,11 +25,11 @@ from typing import Any
 from app.aggregate import Aggregate
 from app.bootstrap import System, bootstrap
 from app.db import Database
-from app.mediator import Envelope, Module, Subscription
 from app.messages import Event
 from app.relay import Relay
 from app.settings import Settings
 from app.uow import UnitOfWork
+from app.wiring import Envelope, Module, Subscription
 
 SUBSCRIBER = "testing.record"
 

@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from app import operations
-from app.mediator import Envelope, Subscription
 from app.messages import PermanentError
 from app.relay import Relay
+from app.wiring import Envelope, Subscription
 from tests.app.relay_worker import (
     SUBSCRIBER,
     TestEvent,

@@ -17,9 +17,10 @@ from prometheus_client import generate_latest
 from app import bootstrap as bootstrap_module
 from app.bootstrap import _check_handled, bootstrap
 from app.db import Database
-from app.mediator import Mediator, Module, inject
+from app.mediator import Mediator
 from app.messages import Command, CommandRejected, NotFound, Query, Unavailable
 from app.settings import Settings
+from app.wiring import Module, inject
 
 WAIT = 5.0  # upper bound on any wait in this file: a hang fails the test instead of stalling it
 

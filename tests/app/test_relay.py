@@ -9,9 +9,9 @@ from dataclasses import replace
 
 import pytest
 
-from app.mediator import Envelope, Subscription
 from app.messages import PermanentError
 from app.relay import Relay, backoff_delay
+from app.wiring import Envelope, Subscription
 from tests.app.relay_worker import (
     SUBSCRIBER,
     TestEvent,

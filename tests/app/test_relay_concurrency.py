@@ -9,8 +9,8 @@ from dataclasses import replace
 import pytest
 
 from app.db import Database
-from app.mediator import Envelope, Subscription
 from app.relay import Relay
+from app.wiring import Envelope, Subscription
 from tests.app.relay_worker import (
     SUBSCRIBER,
     TestEvent,

@@ -14,10 +14,10 @@ import pytest
 
 from app.aggregate import Aggregate
 from app.bootstrap import bootstrap
-from app.mediator import Envelope, Module, Subscription
 from app.messages import Event
 from app.relay import ACK_WITH_INBOX_SQL, Relay
 from app.uow import UnitOfWork
+from app.wiring import Envelope, Module, Subscription
 from tests.app.relay_worker import (
     SUBSCRIBER,
     TestEvent,

@@ -13,10 +13,10 @@ from dataclasses import replace
 import pytest
 
 from app.bootstrap import bootstrap
-from app.mediator import Envelope, Module, Subscription
 from app.messages import Command
 from app.relay import Relay
 from app.uow import UnitOfWork
+from app.wiring import Envelope, Module, Subscription
 from tests.app.relay_worker import TestEvent, append
 
 SUBSCRIBERS = 4  # one event, four subscribers: four delivery groups in one batch

@@ -1,0 +1,86 @@
+"""Wiring records: what a module declares (its handlers, subscriptions, routes, tasks and ports)
+and how a handler's dependencies are bound by parameter name."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from app.messages import Command, Event, Query
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    """What a subscriber may know about the delivery besides the event (name it `envelope`)."""
+
+    message_id: UUID
+    position: int
+    subscriber: str
+    attempt: int
+    headers: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A module's reaction to an event. `name` is stable: it is stored on every outbox row."""
+
+    name: str
+    handler: Handler
+    max_attempts: int | None = None  # None: the relay's default
+    retry_base_seconds: float | None = None
+    retry_cap_seconds: float | None = None
+
+    @property
+    def module(self) -> str:
+        return self.name.split(".", 1)[0]
+
+
+@dataclass
+class Module:
+    """What a module owns: its message handlers, its subscriptions, its HTTP controllers."""
+
+    name: str
+    commands: Mapping[type[Command], Handler] = field(default_factory=dict)
+    queries: Mapping[type[Query], Handler] = field(default_factory=dict)
+    subscriptions: Mapping[type[Event], Sequence[Subscription]] = field(default_factory=dict)
+    controllers: Sequence[type] = ()
+    events: Sequence[type[Event]] = ()  # events it publishes that no one subscribes to yet
+    background: Sequence[Handler] = ()  # long-running tasks, dependencies injected like handlers
+    providers: Mapping[str, Callable[[], Any]] = field(default_factory=dict)  # its own ports
+
+
+def inject(
+    handler: Handler, providers: Mapping[str, Callable[[], Any]], passed: Sequence[str] = ()
+) -> Callable[..., Awaitable[Any]]:
+    """Bind a handler's dependencies by parameter name (cosmicpython style). Providers run once
+    per call, so each message gets a fresh UnitOfWork; names in `passed` come from the caller
+    as keywords (the relay passes its own `uow`). Unknown names fail at start-up."""
+    params = list(inspect.signature(handler).parameters)[1:]
+    missing = [p for p in params if p not in providers and p not in passed]
+    if missing:
+        raise TypeError(f"{handler.__module__}.{handler.__qualname__} needs {missing}: no provider of that name")
+    bound = [(p, providers[p]) for p in params if p not in passed]
+    given = [p for p in params if p in passed]
+
+    async def call(message: Any, **extra: Any) -> Any:
+        kwargs = {name: provide() for name, provide in bound}
+        for name in given:
+            kwargs[name] = extra[name]
+        return await handler(message, **kwargs)
+
+    return call
+
+
+def inject_task(task: Callable[..., Any], providers: Mapping[str, Callable[[], Any]]) -> Callable[[], Any]:
+    """Bind every parameter of a background task (a coroutine function) by name."""
+    params = list(inspect.signature(task).parameters)
+    missing = [p for p in params if p not in providers]
+    if missing:
+        raise TypeError(f"{task.__module__}.{task.__qualname__} needs {missing}: no provider of that name")
+    return lambda: task(**{p: providers[p]() for p in params})
