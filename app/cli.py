@@ -18,7 +18,7 @@ from pathlib import Path
 from uuid import UUID
 
 from app.db import Database, EmbeddedPostgres
-from app.settings import get_settings
+from app.settings import SettingsError, get_settings
 
 
 @contextlib.contextmanager
@@ -302,4 +302,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    sys.exit(args.fn(args))
+    try:
+        code = args.fn(args)
+    except SettingsError as error:  # a bad environment variable: one line, no traceback
+        print(f"switchboard: {error}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -1,90 +1,240 @@
-"""Configuration from the environment: one frozen dataclass, read once."""
+"""Configuration from the environment: one frozen dataclass, read once.
+
+Each setting is declared once, as a field made by `setting()`: its environment variable, default
+and one-line doc. `from_env` and the README's configuration table are built from those fields;
+`python -m app.settings --markdown` prints the table (tests/test_settings.py keeps README equal).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import sys
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any, get_type_hints
 
 
-def _float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
+class SettingsError(ValueError):
+    """An environment variable holds a value its setting cannot take (one line, for the CLI)."""
 
 
-def _int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    env: str | None,
+    doc: str,
+    unit: str = "",
+    factory: Callable[[], Any] | None = None,
+    shown: str | None = None,
+) -> Any:
+    """A Settings field. env None: set only in code (tests, bench), not from the environment.
+    unit goes into the error message; shown is the README's default when a factory makes it."""
+    metadata = {"env": env, "doc": doc, "unit": unit, "shown": shown}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str | None = None  # None: start the embedded PostgreSQL in data_dir
-    data_dir: Path = Path(".switchboard")
-    instance_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    modules: tuple[str, ...] | None = None  # None: host every module
-    admin_token: str | None = None  # None: the admin API is off
-    internal_token: str | None = None  # None: no module can be called from another process
-    base_url: str | None = None  # where other instances reach this one (registered in `services`)
-    heartbeat_seconds: float = 2.0
-    db_pool_size: int = 20
-    max_body_bytes: int = 1_048_576
+    database_url: str | None = setting(
+        None,
+        env="DATABASE_URL",
+        doc="`postgresql://…` (or `postgresql+asyncpg://…`); unset: the embedded server in the data dir",
+    )
+    data_dir: Path = setting(
+        Path(".switchboard"),
+        env="SWITCHBOARD_DATA_DIR",
+        doc="embedded server's folder; processes sharing it share the server",
+    )
+    instance_id: str = setting(
+        env=None,
+        factory=_instance_id,
+        shown="HOST-PID-RANDOM",
+        doc="this process's name in the registry, relay claims and dead-letter history",
+    )
+    modules: tuple[str, ...] | None = setting(
+        None, env="SWITCHBOARD_MODULES", doc="comma-separated modules this process hosts; unset: all"
+    )
+    admin_token: str | None = setting(
+        None, env="SWITCHBOARD_ADMIN_TOKEN", doc="bearer token for `/admin`; unset: the admin API is off"
+    )
+    internal_token: str | None = setting(
+        None,
+        env="SWITCHBOARD_INTERNAL_TOKEN",
+        doc="shared secret of `/internal/messages` between instances; unset: no module can be called from another process",
+    )
+    base_url: str | None = setting(
+        None,
+        env="SWITCHBOARD_BASE_URL",
+        doc="where other instances reach this one (registered in `services`); `serve` sets `http://HOST:PORT`",
+    )
+    heartbeat_seconds: float = setting(
+        2.0, env="SWITCHBOARD_HEARTBEAT", unit="seconds", doc="registry heartbeat (s); 3 missed beats = gone"
+    )
+    db_pool_size: int = setting(20, env="SWITCHBOARD_DB_POOL_SIZE", doc="connections in the asyncpg pool")
+    max_body_bytes: int = setting(1_048_576, env=None, doc="largest request body accepted (bytes)")
     # mediator
-    default_timeout: float = 5.0
-    breaker_fail_max: int = 5
-    breaker_reset_seconds: float = 30.0
-    bulkhead_limit: int = 200
-    conflict_retries: int = 30
+    default_timeout: float = setting(
+        5.0,
+        env="SWITCHBOARD_TIMEOUT",
+        unit="seconds",
+        doc="mediator deadline (s) unless a message sets its own",
+    )
+    breaker_fail_max: int = setting(
+        5, env="SWITCHBOARD_BREAKER_FAIL_MAX", doc="failures in a row that open a module's circuit breaker"
+    )
+    breaker_reset_seconds: float = setting(
+        30.0,
+        env="SWITCHBOARD_BREAKER_RESET",
+        unit="seconds",
+        doc="an open breaker lets a call through after this (s)",
+    )
+    bulkhead_limit: int = setting(
+        200, env="SWITCHBOARD_BULKHEAD", doc="concurrent calls per module before 503"
+    )
+    conflict_retries: int = setting(
+        30, env=None, doc="times the mediator runs a command again after a `ConcurrencyError`"
+    )
     # relay
-    relay_batch_size: int = 200
-    relay_poll_seconds: float = 0.5
-    relay_lease_seconds: float = 30.0
-    relay_handler_timeout: float = 10.0
+    relay_batch_size: int = setting(
+        200, env="SWITCHBOARD_RELAY_BATCH", doc="outbox rows the relay claims at once"
+    )
+    relay_poll_seconds: float = setting(
+        0.5,
+        env="SWITCHBOARD_RELAY_POLL",
+        unit="seconds",
+        doc="relay's fallback poll when no wake-up comes (s)",
+    )
+    relay_lease_seconds: float = setting(
+        30.0,
+        env="SWITCHBOARD_RELAY_LEASE",
+        unit="seconds",
+        doc="a relay's claim on rows, extended while it works; a crashed relay's rows are claimable again after this (s)",
+    )
+    relay_handler_timeout: float = setting(
+        10.0, env=None, unit="seconds", doc="a subscriber's delivery fails after this (s)"
+    )
     # While commands or queries are running, the relay delivers one group at a time, for rows
     # younger than this (seconds): the synchronous path keeps the CPU, the async side catches up
     # when it is quiet. Older rows go at full speed whatever the load. 0: never yield.
-    relay_yield_seconds: float = 30.0
+    relay_yield_seconds: float = setting(
+        30.0,
+        env="SWITCHBOARD_RELAY_YIELD",
+        unit="seconds",
+        doc="while requests are in flight, the relay delivers one group at a time for rows younger than this (s); `0`: never",
+    )
     # After a wake-up, the relay waits this long (seconds) before it claims, so the rows that
     # commit meanwhile go in the same claim and the same delivery transactions: at moderate rates
     # it would otherwise claim each commit's rows alone. It adds at most this much lag. 0: none.
-    relay_linger_seconds: float = 0.01
-    outbox_retention_seconds: float = 3600.0  # delivered rows stay visible in `outbox` this long
-    retry_base_seconds: float = 0.5
-    retry_cap_seconds: float = 60.0
-    retry_max_attempts: int = 8
-    # inventory: reservations no OrderPlaced confirmed are released after this long
-    reservation_ttl_seconds: float = 60.0
+    relay_linger_seconds: float = setting(
+        0.01,
+        env="SWITCHBOARD_RELAY_LINGER",
+        unit="seconds",
+        doc="after a wake-up the relay waits this long (s) before it claims, so the next commits' rows go in the same claim; `0`: claim at once (lower lag, more transactions)",
+    )
+    outbox_retention_seconds: float = setting(
+        3600.0,
+        env="SWITCHBOARD_OUTBOX_RETENTION",
+        unit="seconds",
+        doc="delivered outbox rows stay visible in `outbox` this long (s)",
+    )
+    retry_base_seconds: float = setting(
+        0.5,
+        env="SWITCHBOARD_RETRY_BASE",
+        unit="seconds",
+        doc="a failed delivery's first backoff (s), doubled per attempt up to the cap, with full jitter",
+    )
+    retry_cap_seconds: float = setting(
+        60.0, env="SWITCHBOARD_RETRY_CAP", unit="seconds", doc="longest retry backoff (s)"
+    )
+    retry_max_attempts: int = setting(
+        8, env="SWITCHBOARD_RETRY_MAX_ATTEMPTS", doc="attempts before a row becomes a dead letter"
+    )
+    reservation_ttl_seconds: float = setting(
+        60.0,
+        env="SWITCHBOARD_RESERVATION_TTL",
+        unit="seconds",
+        doc="inventory: stock holds no OrderPlaced confirmed are released after this (s)",
+    )
 
     @classmethod
-    def from_env(cls) -> Settings:
-        modules = os.environ.get("SWITCHBOARD_MODULES")
-        return cls(
-            database_url=os.environ.get("DATABASE_URL") or None,
-            data_dir=Path(os.environ.get("SWITCHBOARD_DATA_DIR", ".switchboard")),
-            modules=tuple(m.strip() for m in modules.split(",") if m.strip()) if modules else None,
-            admin_token=os.environ.get("SWITCHBOARD_ADMIN_TOKEN") or None,
-            internal_token=os.environ.get("SWITCHBOARD_INTERNAL_TOKEN") or None,
-            base_url=os.environ.get("SWITCHBOARD_BASE_URL") or None,
-            heartbeat_seconds=_float("SWITCHBOARD_HEARTBEAT", 2.0),
-            db_pool_size=_int("SWITCHBOARD_DB_POOL_SIZE", 20),
-            default_timeout=_float("SWITCHBOARD_TIMEOUT", 5.0),
-            breaker_fail_max=_int("SWITCHBOARD_BREAKER_FAIL_MAX", 5),
-            breaker_reset_seconds=_float("SWITCHBOARD_BREAKER_RESET", 30.0),
-            bulkhead_limit=_int("SWITCHBOARD_BULKHEAD", 200),
-            relay_batch_size=_int("SWITCHBOARD_RELAY_BATCH", 200),
-            relay_poll_seconds=_float("SWITCHBOARD_RELAY_POLL", 0.5),
-            relay_lease_seconds=_float("SWITCHBOARD_RELAY_LEASE", 30.0),
-            relay_yield_seconds=_float("SWITCHBOARD_RELAY_YIELD", 30.0),
-            relay_linger_seconds=_float("SWITCHBOARD_RELAY_LINGER", 0.01),
-            outbox_retention_seconds=_float("SWITCHBOARD_OUTBOX_RETENTION", 3600.0),
-            retry_base_seconds=_float("SWITCHBOARD_RETRY_BASE", 0.5),
-            retry_cap_seconds=_float("SWITCHBOARD_RETRY_CAP", 60.0),
-            retry_max_attempts=_int("SWITCHBOARD_RETRY_MAX_ATTEMPTS", 8),
-            reservation_ttl_seconds=_float("SWITCHBOARD_RESERVATION_TTL", 60.0),
-        )
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        """Every declared variable that is set; a value that does not parse is a SettingsError."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in dataclasses.fields(cls):
+            name = f.metadata["env"]
+            if name is not None and name in environ:
+                values[f.name] = _parse(name, environ[name], _types()[f.name], f.metadata["unit"])
+        return cls(**values)
+
+
+def _optional_str(raw: str) -> str | None:
+    return raw or None  # empty = unset
+
+
+def _names(raw: str) -> tuple[str, ...] | None:
+    return tuple(m.strip() for m in raw.split(",") if m.strip()) if raw else None  # empty = unset
+
+
+# type -> (parser, what the error says the value should be)
+_PARSERS: dict[Any, tuple[Callable[[str], Any], str]] = {
+    float: (float, "a number"),
+    int: (int, "a whole number"),
+    Path: (Path, "a path"),
+    str: (str, "a string"),
+    str | None: (_optional_str, "a string"),
+    tuple[str, ...] | None: (_names, "a comma-separated list"),
+}
+
+
+@cache
+def _types() -> dict[str, Any]:
+    return get_type_hints(Settings)
+
+
+def _parse(name: str, raw: str, type_: Any, unit: str) -> Any:
+    parse, expected = _PARSERS[type_]
+    try:
+        return parse(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not {expected}" + (f" ({unit})" if unit else "")) from None
+
+
+def _shown(f: dataclasses.Field) -> str:
+    value = f.default if f.metadata["shown"] is None else f.metadata["shown"]
+    if value is None:
+        return "unset"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"
+
+
+def markdown_table() -> str:
+    """The README's configuration table: one row per setting, in declaration order."""
+    lines = ["| variable | setting | default | |", "|---|---|---|---|"]
+    for f in dataclasses.fields(Settings):
+        env = f"`{f.metadata['env']}`" if f.metadata["env"] else "— (code only)"
+        lines.append(f"| {env} | `{f.name}` | {_shown(f)} | {f.metadata['doc']} |")
+    return "\n".join(lines)
 
 
 @cache
 def get_settings() -> Settings:
     return Settings.from_env()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m app.settings --markdown")
+    print(markdown_table())

@@ -129,3 +129,40 @@ async def test_sql_falls_back_to_the_bundled_psql_when_none_is_on_path(database_
 
     assert code == 0, err
     assert "42" in out
+
+
+@pytest.fixture
+def fresh_settings():
+    """get_settings() is cached per process: read the patched environment, then forget it."""
+    from app.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_a_bad_setting_stops_the_command_with_one_line_and_exit_code_2(monkeypatch, capsys, fresh_settings):
+    from app.cli import main
+
+    monkeypatch.setenv("SWITCHBOARD_TIMEOUT", "abc")
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["migrate"])
+
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "switchboard: SWITCHBOARD_TIMEOUT='abc' is not a number (seconds)\n"
+
+
+async def test_serve_with_a_bad_setting_exits_2_with_one_line_and_no_traceback(database_url):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env |= {"DATABASE_URL": database_url, "SWITCHBOARD_RELAY_BATCH": "lots"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "serve", "--port", "0", "--no-migrate", cwd=ROOT, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+
+    assert process.returncode == 2
+    assert err.decode() == "switchboard: SWITCHBOARD_RELAY_BATCH='lots' is not a whole number\n"
+    assert out == b""
