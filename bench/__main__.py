@@ -1,4 +1,4 @@
-"""`uv run python -m bench quick|all|smoke`: every benchmark of issue 5 in one command.
+"""`uv run --group bench python -m bench quick|all|smoke`: every benchmark of issue 5 in one command.
 
 Starts an embedded PostgreSQL in a temporary folder (or uses DATABASE_URL's server), gives each
 measurement a fresh migrated database on it, runs P1 (switchboard, then the baseline app — one at
@@ -274,7 +274,7 @@ async def main_async(args: argparse.Namespace, profile: Profile, out: Output) ->
                     {
                         "measurement": "p2_procrastinate",
                         "skipped": "procrastinate is not installed: "
-                        "uv sync --group bench (or uv pip install procrastinate==3.10.0)",
+                        "uv run --group bench python -m bench ... (or uv pip install procrastinate==3.10.0)",
                     }
                 )
             else:

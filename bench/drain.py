@@ -1,7 +1,7 @@
 """The order flow's cost, split into its two halves, without HTTP: how fast the request path alone
 places orders, and how fast the relay alone then delivers everything those orders cause.
 
-    uv run python -m bench.drain [--orders 5000] [--concurrency 32]
+    uv run --group bench python -m bench.drain [--orders 5000] [--concurrency 32]
 
 1. A fresh database (embedded PostgreSQL in a temporary folder, or DATABASE_URL's server), 1,000
    SKUs seeded as in P1.

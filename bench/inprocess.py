@@ -1,7 +1,7 @@
 """The request path of `POST /orders` without HTTP, switchboard against the baseline, in one process
 on one database: the client CPU each spends per order.
 
-    uv run python -m bench.inprocess [--orders 3000] [--concurrency 32] [--rounds 2]
+    uv run --group bench python -m bench.inprocess [--orders 3000] [--concurrency 32] [--rounds 2]
 
 1. A fresh database (embedded PostgreSQL in a temporary folder, or DATABASE_URL's server), 1,000
    SKUs seeded as in P1.

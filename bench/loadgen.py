@@ -25,7 +25,7 @@ retires the connection). That is all the servers measured here send.
 
 Usage as a command (against any server on this machine):
 
-    uv run python -m bench.loadgen http://127.0.0.1:8000/health/live --connections 10000 \\
+    uv run --group bench python -m bench.loadgen http://127.0.0.1:8000/health/live --connections 10000 \\
         --rate 1000 --duration 20
 """
 

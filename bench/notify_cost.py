@@ -1,8 +1,12 @@
-"""What `pg_notify` in every transaction costs the database: pgbench (from the embedded server's
-bin dir) runs a one-row INSERT per transaction, with and without a NOTIFY in the same statement,
-at a few client counts. A transaction that has NOTIFYed takes a database-wide lock at commit and
-holds it until its commit record is flushed, so such commits are serialized instead of grouped.
-APPEND_SQL (app/uow.py) and the baseline both NOTIFY in every appending transaction."""
+"""What a `pg_notify` in every transaction would cost the database: pgbench (from the embedded
+server's bin dir) runs a one-row INSERT per transaction, with and without a NOTIFY in the same
+statement, at a few client counts. A transaction that has NOTIFYed takes a database-wide lock at
+commit and holds it until its commit record is flushed, so such commits are serialized instead of
+grouped. That is why neither switchboard's appends (APPEND_SQL, app/uow.py) nor the baseline's
+NOTIFY inside their transactions: after the commit, relays in the same process are woken by a
+callback (`Database.outbox_written`, app/db.py) and relays in other processes by one coalesced
+NOTIFY, sent in its own tiny transaction at most once per notify interval, for every commit before
+it. This measurement keeps the reason on record."""
 
 from __future__ import annotations
 

@@ -7,8 +7,12 @@ row, the handler, commit; acknowledgements in batches.
 
 - throughput: N events with one outbox row each (each event on its own stream, as every order is)
   are inserted in one statement, then a started relay drains them; events/s = N / time to drain.
-- lag: events are appended at a fixed rate with the app's own APPEND_SQL (event + outbox row +
-  NOTIFY in one statement, one commit), open-loop; the handler notes when it runs. Lag from
+- lag: events are appended at a fixed rate with the app's own APPEND_SQL (event + outbox row in
+  one statement, one commit, no NOTIFY inside it), open-loop, from a second pool (the "web"
+  side), each followed by `outbox_written()` as UnitOfWork.commit does. The relay listens on its
+  own pool, so no in-process callback reaches it: it is woken as a relay in another process is,
+  by the producer's coalesced NOTIFY (sent after the commits, at most one per notify interval),
+  then lingers `relay_linger_seconds` before it claims. The handler notes when it runs. Lag from
   commit = handler start − the moment the append returned; lag from send = handler start − the
   moment the append was issued (includes the commit itself). Same process, same clock.
 

@@ -1,4 +1,4 @@
-"""`uv run python -m bench.replicas`: three `switchboard serve` replicas behind deploy/nginx.conf,
+"""`uv run --group bench python -m bench.replicas`: three `switchboard serve` replicas behind deploy/nginx.conf,
 one of them stopped (SIGTERM) while orders flow through nginx's single port.
 
 Starts an embedded PostgreSQL in a temporary folder (or uses DATABASE_URL's server: a fresh

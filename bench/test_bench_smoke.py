@@ -1,8 +1,7 @@
 """Smoke test of the bench harness on a tiny load (about 20 s), so it cannot rot.
 
-Not collected by the default `uv run pytest` (testpaths = ["tests"]): run it with
-`uv run pytest bench/test_bench_smoke.py`, or collect it from tests/ with a one-line module
-`from bench.test_bench_smoke import test_bench_smoke  # noqa: F401`.
+Lives with the bench, outside the default `uv run pytest` (testpaths = ["tests"]): run it with
+`uv run --group bench pytest bench`, as .ci/run does after the default suite.
 """
 
 from __future__ import annotations

@@ -17,10 +17,6 @@ class ChargeResult(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-class ProviderUnavailable(Exception):
-    """The provider could not be reached: counts against the breaker."""
-
-
 class CardProcessingError(Exception):
     """The provider failed on this card; says nothing about the provider's health."""
 
