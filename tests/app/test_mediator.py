@@ -14,7 +14,7 @@ import pytest
 from aiobreaker import CircuitBreakerState
 from prometheus_client import generate_latest
 
-from app import bootstrap as bootstrap_module
+from app import contracts as bootstrap_module  # where the contract files are imported
 from app.bootstrap import _check_handled, bootstrap
 from app.db import Database
 from app.mediator import Mediator
