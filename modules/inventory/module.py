@@ -15,5 +15,5 @@ module = Module(
         PaymentDeclined: [Subscription("inventory.release_reservation", handlers.release_reservation)],
     },
     controllers=[api.InventoryController],
-    background=[handlers.release_unconfirmed_reservations],
+    background=[handlers.release_orphaned_reservations],
 )
