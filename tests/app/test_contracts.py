@@ -9,7 +9,13 @@ import pytest
 from app.contracts import load_contract
 from modules.inventory.aggregate import Stock
 from modules.inventory.commands import AddStock, InsufficientStock, ReserveStock, UnknownSku
-from modules.inventory.events import ReservationCommitted, ReservationReleased, StockAdded, StockReserved
+from modules.inventory.events import (
+    ReservationCommitted,
+    ReservationReleased,
+    ReservationRetaken,
+    StockAdded,
+    StockReserved,
+)
 from modules.inventory.queries import GetStockLevel
 from tests.app.testing_contract.events import Counted
 
@@ -19,7 +25,7 @@ def test_a_modules_contract_is_what_its_three_files_define():
 
     assert contract.commands == [AddStock, ReserveStock]
     assert contract.queries == [GetStockLevel]
-    assert contract.events == [StockAdded, StockReserved, ReservationReleased, ReservationCommitted]
+    assert contract.events == [StockAdded, StockReserved, ReservationReleased, ReservationCommitted, ReservationRetaken]
     assert contract.errors == [InsufficientStock, UnknownSku]  # not CommandRejected, which it imports
 
 
