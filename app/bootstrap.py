@@ -10,18 +10,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from app.contracts import load_contract
 from app.db import Database
 from app.eventstore import EventCatalog
 from app.mediator import Mediator
-from app.messages import (
-    Command,
-    CommandRejected,
-    ConcurrencyError,
-    NotFound,
-    Query,
-    SwitchboardError,
-    Unavailable,
-)
+from app.messages import CommandRejected, ConcurrencyError, NotFound, SwitchboardError, Unavailable
 from app.registry import Registry
 from app.remote import MessageCatalog, RemoteTransport
 from app.settings import Settings
@@ -87,7 +80,8 @@ def bootstrap(
                 if sub.module != module.name:
                     raise ValueError(f"subscription {sub.name!r} must be named '{module.name}.<handler>'")
                 subscribers.setdefault(event_type, []).append(sub.name)
-    catalog = EventCatalog(subscribers, [t for m in modules for t in m.events])
+    # every event type a module defines, subscribed to or not: its own aggregates replay them
+    catalog = EventCatalog(subscribers, [t for m in modules for t in load_contract(m.contract_package).events])
 
     registry = Registry(
         db,
@@ -158,27 +152,16 @@ def bootstrap(
 
 
 def _check_handled(modules: Sequence[Module], handlers: Mapping[type, Any]) -> None:
-    """Every Command and Query a module publishes in commands.py / queries.py needs its handler."""
+    """Every Command and Query a module defines in commands.py / queries.py needs its handler."""
     for module in modules:
-        for part in ("commands", "queries"):
-            name = f"modules.{module.name}.{part}"
-            try:
-                contract = importlib.import_module(name)
-            except ModuleNotFoundError as error:
-                if error.name is not None and (name + ".").startswith(error.name + "."):
-                    continue  # the module has no such file (or is not a package under modules/)
-                raise  # the file exists but imports something missing: not "no contract"
-            for value in vars(contract).values():
-                if (
-                    isinstance(value, type)
-                    and issubclass(value, (Command, Query))
-                    and value.__module__ == contract.__name__
-                    and value not in handlers
-                ):
-                    raise ValueError(
-                        f"{value.__name__} (modules.{module.name}.{part}) has no handler: "
-                        f"register it in modules/{module.name}/module.py"
-                    )
+        contract = load_contract(module.contract_package)
+        for message_type in (*contract.commands, *contract.queries):
+            if message_type not in handlers:
+                where = module.contract_package.replace(".", "/")
+                raise ValueError(
+                    f"{message_type.__name__} ({contract.defined_in[message_type]}) has no handler: "
+                    f"register it in {where}/module.py"
+                )
 
 
 def _message_catalog(modules: Sequence[Module]) -> MessageCatalog:
@@ -194,12 +177,6 @@ def _message_catalog(modules: Sequence[Module]) -> MessageCatalog:
             names[message_type] = f"{module.name}.{message_type.__name__}"
             result = typing.get_type_hints(handler).get("return", Any)
             results[message_type] = type(None) if result is None else result
-        for part in ("commands", "queries"):
-            try:
-                contract = importlib.import_module(f"modules.{module.name}.{part}")
-            except ModuleNotFoundError:
-                continue
-            for value in vars(contract).values():
-                if isinstance(value, type) and issubclass(value, SwitchboardError):
-                    errors.setdefault(value.__name__, value)
+        for error in load_contract(module.contract_package).errors:
+            errors.setdefault(error.__name__, error)
     return MessageCatalog(names, results, errors)

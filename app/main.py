@@ -16,6 +16,7 @@ from app.admin import AdminController
 from app.bootstrap import System, bootstrap, load_modules
 from app.db import Database, EmbeddedPostgres
 from app.http import EXCEPTION_HANDLERS, request_id_middleware
+from app.metrics import METRICS
 from app.migrate import head_revision
 from app.relay import Relay
 from app.remote import internal_endpoint
@@ -103,6 +104,8 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
         if revision != head_revision():
             return Response({"status": f"migrations at {revision}, code expects {head_revision()}"}, status_code=503)
         return Response({"status": "ready", "instance": settings.instance_id}, status_code=200)
+
+    METRICS.register()  # what /metrics exports; registered once however many apps one process builds
 
     @get("/metrics", include_in_schema=False)
     async def metrics() -> Response[bytes]:

@@ -58,9 +58,12 @@ class Unavailable(SwitchboardError):
     status_code = 503
     title = "Service unavailable"
 
-    def __init__(self, detail: str = "", retry_after: int = 1) -> None:
+    def __init__(self, detail: str = "", retry_after: int = 1, module: str | None = None) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+        # The module that is unavailable, when known: the mediator counts the error against that
+        # module's breaker only, not against the breaker of a caller that merely passed it on.
+        self.module = module
 
 
 class ConcurrencyError(SwitchboardError):

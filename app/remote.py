@@ -20,7 +20,7 @@ from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 
 from app import context
-from app.mediator import deadline_in, remaining_seconds
+from app.deadlines import deadline_in, remaining_seconds
 from app.messages import CommandRejected, SwitchboardError, Unavailable
 from app.registry import Registry
 
@@ -113,7 +113,7 @@ class RemoteTransport:
             raise Unavailable(f"module {module!r} is remote and the transport is not started")
         endpoints = self.registry.rotation(await self.registry.endpoints(module))
         if not endpoints:
-            raise _unavailable(module, f"no live instance hosts module {module!r}")
+            raise Unavailable(f"no live instance hosts module {module!r}", module=module)
         name = self.catalog.names[type(message)]
         body = _encode(message)
         headers = {
@@ -132,8 +132,8 @@ class RemoteTransport:
                     if response.status == 200:
                         return self.catalog.decode_result(type(message), payload)
                     error = self.catalog.error_from(response.status, payload)
-                    if isinstance(error, Unavailable):
-                        error.module = module  # type: ignore[attr-defined]
+                    if isinstance(error, Unavailable):  # the remote module's, not the caller's
+                        error.module = module
                     if not (isinstance(error, Unavailable) and idempotent):
                         raise error
                     failure = f"{instance_id} answered {response.status}: {error.detail}"
@@ -147,17 +147,7 @@ class RemoteTransport:
                 if not idempotent:  # it may have run there: do not run it twice
                     break
             log.warning("remote call %s to %s failed: %s", name, instance_id, failure)
-        raise _unavailable(module, f"module {module!r} is unavailable: {failure}")
-
-
-def _unavailable(module: str, detail: str) -> Unavailable:
-    """Tagged with the remote module: the mediator counts it against that module's breaker only,
-    not against the breaker of the local module whose handler made the call (see
-    mediator._business_error). Untagged, a remote outage would also open e.g. orders' breaker and
-    fail orders' own local reads."""
-    error = Unavailable(detail)
-    error.module = module  # type: ignore[attr-defined]
-    return error
+        raise Unavailable(f"module {module!r} is unavailable: {failure}", module=module)
 
 
 def internal_endpoint(token: str, get_system):

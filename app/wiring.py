@@ -50,9 +50,13 @@ class Module:
     queries: Mapping[type[Query], Handler] = field(default_factory=dict)
     subscriptions: Mapping[type[Event], Sequence[Subscription]] = field(default_factory=dict)
     controllers: Sequence[type] = ()
-    events: Sequence[type[Event]] = ()  # events it publishes that no one subscribes to yet
     background: Sequence[Handler] = ()  # long-running tasks, dependencies injected like handlers
     providers: Mapping[str, Callable[[], Any]] = field(default_factory=dict)  # its own ports
+    package: str | None = None  # where its commands/queries/events files live; None: modules.<name>
+
+    @property
+    def contract_package(self) -> str:
+        return self.package or f"modules.{self.name}"
 
 
 def inject(

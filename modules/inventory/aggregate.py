@@ -5,9 +5,15 @@ from __future__ import annotations
 from uuid import UUID
 
 from app.aggregate import Aggregate
-from app.messages import Event
+from app.messages import Event, PermanentError
 from modules.inventory.commands import InsufficientStock
-from modules.inventory.events import ReservationCommitted, ReservationReleased, StockAdded, StockReserved
+from modules.inventory.events import (
+    ReservationCommitted,
+    ReservationReleased,
+    ReservationRetaken,
+    StockAdded,
+    StockReserved,
+)
 
 
 class Stock(Aggregate):
@@ -50,6 +56,17 @@ class Stock(Aggregate):
         if order_id in self.holds:
             self._record(ReservationCommitted(sku=self.id, order_id=order_id, quantity=self.holds[order_id]))
 
+    def retake(self, order_id: UUID, quantity: int) -> None:
+        """The order was paid after its hold was released (the sweeper took it for an orphan): sell
+        the units if they are still free. If they are not, no retry can make them so: an operator
+        must settle it, so the delivery is dead-lettered where they see it."""
+        if quantity > self.available:
+            raise PermanentError(
+                f"{self.id}: order {order_id} was paid after its hold of {quantity} was released,"
+                f" and only {self.available} are available now"
+            )
+        self._record(ReservationRetaken(sku=self.id, order_id=order_id, quantity=quantity))
+
     def _apply(self, event: Event) -> None:
         match event:
             case StockAdded(quantity=quantity):
@@ -62,3 +79,5 @@ class Stock(Aggregate):
                 del self.holds[order_id]
             case ReservationCommitted(order_id=order_id):
                 del self.holds[order_id]
+            case ReservationRetaken(quantity=quantity):
+                self.available -= quantity

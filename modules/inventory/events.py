@@ -21,7 +21,8 @@ class StockReserved(Event, tag="inventory.StockReserved"):
 
 
 class ReservationReleased(Event, tag="inventory.ReservationReleased"):
-    """An order's hold was given back (payment declined or order never confirmed)."""
+    """An order's hold was given back: its payment was declined, or no payment outcome came within
+    the reservation TTL (an orphan: the order was never placed)."""
 
     sku: str
     order_id: UUID
@@ -31,6 +32,14 @@ class ReservationReleased(Event, tag="inventory.ReservationReleased"):
 
 class ReservationCommitted(Event, tag="inventory.ReservationCommitted"):
     """An order's hold became a sale: the units left the shelf."""
+
+    sku: str
+    order_id: UUID
+    quantity: int
+
+
+class ReservationRetaken(Event, tag="inventory.ReservationRetaken"):
+    """An order was paid after its hold had been released: its units were taken again and sold."""
 
     sku: str
     order_id: UUID

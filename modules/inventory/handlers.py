@@ -7,14 +7,11 @@ import logging
 from collections.abc import Callable
 from uuid import UUID
 
-from app.mediator import Mediator
-from app.messages import Unavailable
 from app.settings import Settings
 from app.uow import UnitOfWork
 from modules.inventory.aggregate import Stock
 from modules.inventory.commands import AddStock, ReserveStock, UnknownSku
 from modules.inventory.queries import GetStockLevel, StockLevelView
-from modules.orders.queries import GetOrderPlacement
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 
 log = logging.getLogger(__name__)
@@ -51,58 +48,69 @@ async def get_stock_level(query: GetStockLevel, uow: UnitOfWork) -> StockLevelVi
         return StockLevelView(sku=stock.id, available=stock.available, reserved=stock.reserved)
 
 
-async def _confirm(uow: UnitOfWork, order_id: UUID) -> None:
-    """The order exists: its reservation no longer expires."""
-    async with uow:
-        conn = await uow.transaction()
-        await conn.execute(
-            "UPDATE inventory_reservations SET status = 'confirmed', updated_at = now()"
-            " WHERE order_id = $1 AND status = 'reserved'",
-            order_id,
-        )
-        await uow.commit()
+# The hold's rows move to 'committed' whatever they were, and say what they were: a 'released'
+# row is a payment that came after the sweeper gave the units back. ('confirmed' is a status older
+# versions wrote; such a hold is settled like a 'reserved' one.)
+COMMIT_HOLD_SQL = """
+WITH was AS (
+    SELECT order_id, sku, status FROM inventory_reservations
+    WHERE order_id = $1 AND status <> 'committed' FOR UPDATE
+)
+UPDATE inventory_reservations r SET status = 'committed', updated_at = now()
+FROM was WHERE r.order_id = was.order_id AND r.sku = was.sku
+RETURNING r.sku, r.quantity, was.status AS was
+"""
 
 
 async def commit_reservation(event: PaymentCaptured, uow: UnitOfWork) -> None:
-    await _settle(uow, event.order_id, "committed", lambda stock: stock.commit(event.order_id))
-
-
-async def release_reservation(event: PaymentDeclined, uow: UnitOfWork) -> None:
-    await _settle(uow, event.order_id, "released", lambda stock: stock.release(event.order_id, "payment declined"))
-
-
-async def _settle(uow: UnitOfWork, order_id: UUID, status: str, decide: Callable[[Stock], None]) -> None:
+    """The order is paid: its hold becomes a sale, even one released meanwhile (Stock.retake)."""
     async with uow:
         conn = await uow.transaction()
-        rows = await conn.fetch(
-            "UPDATE inventory_reservations SET status = $2, updated_at = now()"
-            " WHERE order_id = $1 AND status IN ('reserved', 'confirmed') RETURNING sku",
-            order_id,
-            status,
-        )
-        for row in sorted(rows, key=lambda r: r["sku"]):
-            decide(await uow.get(Stock, row["sku"]))
+        for row in sorted(await conn.fetch(COMMIT_HOLD_SQL, event.order_id), key=lambda r: r["sku"]):
+            stock = await uow.get(Stock, row["sku"])
+            if row["was"] == "released":
+                stock.retake(event.order_id, row["quantity"])
+            else:
+                stock.commit(event.order_id)
         await uow.commit()
 
 
-async def release_unconfirmed_reservations(
-    new_uow: Callable[[], UnitOfWork], mediator: Mediator, settings: Settings
-) -> None:
-    """If a process dies between ReserveStock and OrderPlaced the hold would leak: give back every
-    hold still only reserved after the reservation TTL whose order does not exist, and confirm
-    the holds of orders that do. Holds are confirmed here, lazily, not by a subscription to
-    OrderPlaced: nearly every hold is committed or released by its payment's outcome within the
-    TTL, so that subscription was one outbox delivery per order spent on nothing."""
+async def release_reservation(event: PaymentDeclined, uow: UnitOfWork) -> None:
+    await _release(uow, event.order_id, "payment declined")
+
+
+async def _release(uow: UnitOfWork, order_id: UUID, reason: str) -> bool:
+    async with uow:
+        conn = await uow.transaction()
+        rows = await conn.fetch(
+            "UPDATE inventory_reservations SET status = 'released', updated_at = now()"
+            " WHERE order_id = $1 AND status IN ('reserved', 'confirmed') RETURNING sku",
+            order_id,
+        )
+        for row in sorted(rows, key=lambda r: r["sku"]):
+            (await uow.get(Stock, row["sku"])).release(order_id, reason)
+        await uow.commit()
+    return bool(rows)
+
+
+async def release_orphaned_reservations(new_uow: Callable[[], UnitOfWork], settings: Settings) -> None:
+    """Inventory learns an order's fate from its payment's outcome (PaymentCaptured commits the
+    hold, PaymentDeclined releases it), never by asking orders: that call back would make the two
+    modules call each other synchronously. A hold that has no outcome after the reservation TTL is
+    an orphan -- the process died between ReserveStock and OrderPlaced, so no payment will come --
+    and is released. The TTL must outlast the payment subscription's whole retry budget; a capture
+    that still comes later takes the units again (commit_reservation)."""
     ttl = settings.reservation_ttl_seconds
     while True:
         await asyncio.sleep(min(max(ttl / 4, 0.05), 15))
         try:
-            await release_expired(new_uow, mediator, ttl)
+            await release_expired(new_uow, ttl)
         except Exception:  # keep sweeping; the next round retries
             log.exception("reservation sweep failed")
 
 
-async def release_expired(new_uow: Callable[[], UnitOfWork], mediator: Mediator, ttl: float) -> int:
+async def release_expired(new_uow: Callable[[], UnitOfWork], ttl: float) -> int:
+    """Release the holds still only reserved `ttl` seconds after they were taken; how many orders'."""
     async with new_uow() as uow:
         orders = [
             r["order_id"]
@@ -113,14 +121,6 @@ async def release_expired(new_uow: Callable[[], UnitOfWork], mediator: Mediator,
             )
         ]
     released = 0
-    for order_id in orders:
-        try:
-            placed = (await mediator.ask(GetOrderPlacement(order_id=order_id))).placed
-        except Unavailable:
-            return released  # orders cannot tell us now: never release a hold it may own
-        if placed:  # the confirmation is still on its way through the outbox
-            await _confirm(new_uow(), order_id)
-            continue
-        await _settle(new_uow(), order_id, "released", lambda stock, o=order_id: stock.release(o, "never confirmed"))
-        released += 1
+    for order_id in orders:  # one transaction each: a conflict on one SKU delays only its order
+        released += await _release(new_uow(), order_id, "no payment outcome within the reservation TTL")
     return released

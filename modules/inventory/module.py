@@ -3,7 +3,6 @@
 from app.wiring import Module, Subscription
 from modules.inventory import api, handlers
 from modules.inventory.commands import AddStock, ReserveStock
-from modules.inventory.events import ReservationCommitted, ReservationReleased, StockAdded, StockReserved
 from modules.inventory.queries import GetStockLevel
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 
@@ -16,6 +15,5 @@ module = Module(
         PaymentDeclined: [Subscription("inventory.release_reservation", handlers.release_reservation)],
     },
     controllers=[api.InventoryController],
-    events=[StockAdded, StockReserved, ReservationReleased, ReservationCommitted],
-    background=[handlers.release_unconfirmed_reservations],
+    background=[handlers.release_orphaned_reservations],
 )

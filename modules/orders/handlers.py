@@ -14,7 +14,6 @@ from modules.inventory.commands import ReserveStock, StockLine
 from modules.orders import idempotency
 from modules.orders.aggregate import Order
 from modules.orders.commands import OrderAccepted, PlaceOrder
-from modules.orders.queries import GetOrderPlacement, OrderPlacementView
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 
 
@@ -45,11 +44,6 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, mediator: Mediator, db: 
             await asyncio.shield(idempotency.release(db, key, order_id))
         raise
     return OrderAccepted(order_id=order_id, position=uow.positions[-1], placed_at=placed_at)
-
-
-async def get_order_placement(query: GetOrderPlacement, uow: UnitOfWork) -> OrderPlacementView:
-    async with uow:
-        return OrderPlacementView(order_id=query.order_id, placed=await uow.find(Order, query.order_id) is not None)
 
 
 async def mark_order_paid(event: PaymentCaptured, uow: UnitOfWork) -> None:

@@ -4,7 +4,7 @@ from app.wiring import Module, Subscription
 from modules.orders import api, handlers, read_model
 from modules.orders.commands import PlaceOrder
 from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPlaced
-from modules.orders.queries import GetOrder, GetOrderPlacement
+from modules.orders.queries import GetOrder
 from modules.payments.events import PaymentCaptured, PaymentDeclined
 
 project_order_view = Subscription(read_model.VIEW, read_model.project_order_view)
@@ -12,7 +12,7 @@ project_order_view = Subscription(read_model.VIEW, read_model.project_order_view
 module = Module(
     name="orders",
     commands={PlaceOrder: handlers.place_order},
-    queries={GetOrder: read_model.get_order, GetOrderPlacement: handlers.get_order_placement},
+    queries={GetOrder: read_model.get_order},
     subscriptions={
         OrderPlaced: [project_order_view],
         OrderPaid: [project_order_view],

@@ -28,14 +28,3 @@ class OrderView(msgspec.Struct, frozen=True, kw_only=True):
     payment_method: str
     placed_at: datetime
     updated_at: datetime
-
-
-class GetOrderPlacement(Query):
-    """Was this order ever placed? Answered from the event store, never stale."""
-
-    order_id: UUID
-
-
-class OrderPlacementView(msgspec.Struct, frozen=True, kw_only=True):
-    order_id: UUID
-    placed: bool

@@ -3,7 +3,6 @@
 from app.wiring import Module, Subscription
 from modules.orders.events import OrderPlaced
 from modules.payments import handlers
-from modules.payments.events import PaymentCaptured, PaymentDeclined
 from modules.payments.gateway import fake_provider
 
 module = Module(
@@ -11,6 +10,5 @@ module = Module(
     subscriptions={
         OrderPlaced: [Subscription("payments.charge_order", handlers.charge_order, max_attempts=5)],
     },
-    events=[PaymentCaptured, PaymentDeclined],
     providers={"payment_gateway": lambda: fake_provider},
 )

@@ -14,11 +14,12 @@ import pytest
 from aiobreaker import CircuitBreakerState
 from prometheus_client import generate_latest
 
-from app import bootstrap as bootstrap_module
+from app import contracts as bootstrap_module  # where the contract files are imported
 from app.bootstrap import _check_handled, bootstrap
 from app.db import Database
 from app.mediator import Mediator
 from app.messages import Command, CommandRejected, NotFound, Query, Unavailable
+from app.metrics import METRICS
 from app.settings import Settings
 from app.wiring import Module, inject
 
@@ -390,6 +391,7 @@ async def test_each_call_is_counted_by_outcome_and_timed_in_the_prometheus_serie
     with pytest.raises(CommandRejected):
         await m.send(Tally())
 
+    METRICS.register()  # as create_app does: nothing registers on import
     text = generate_latest().decode()
 
     labels = 'message="Tally",module="metered"'
@@ -475,7 +477,7 @@ def test_two_modules_registering_a_handler_for_the_same_command_fail_at_start_up
 def test_fake_modules_whose_every_message_has_a_handler_boot():
     system = boot(Module(name="first", commands={Ping: noop}), Module(name="second", queries={Lookup: noop}))
 
-    assert system.mediator.module_of(Ping) == "first" and system.mediator.module_of(Lookup) == "second"
+    assert system.mediator._routes[Ping].module == "first" and system.mediator._routes[Lookup].module == "second"
 
 
 def test_two_modules_providing_a_dependency_of_the_same_name_fail_at_start_up():

@@ -27,6 +27,7 @@ from tests.app.relay_worker import (
     recorder,
     relay_for,
 )
+from tests.app.testing_contract.events import Counted
 
 pytestmark = pytest.mark.usefixtures("effects")
 
@@ -231,12 +232,6 @@ async def test_rows_staged_in_a_run_that_rolls_back_are_written_once_by_the_rede
     assert [r["key"] for r in await db.fetch("SELECT key FROM relay_test_staged ORDER BY key")] == keys
 
 
-class Counted(Event, tag="testing.Counted"):
-    """No subscribers."""
-
-    key: str
-
-
 class Tally(Aggregate):
     stream_type = "tally"
 
@@ -293,7 +288,9 @@ async def test_a_run_whose_append_loses_a_race_runs_again_on_fresh_state(db, set
                 theirs.count("other writer")
                 await other.commit()
 
-    module = Module(name="testing", subscriptions={TestEvent: [Subscription(SUBSCRIBER, count)]}, events=[Counted])
+    module = Module(
+        name="testing", package="tests.app.testing_contract", subscriptions={TestEvent: [Subscription(SUBSCRIBER, count)]}
+    )
     relay = Relay(bootstrap(replace(settings, modules=None), db, modules=[module]), instance_id="relay-test")
     system = relay.system
     first = system.uow()

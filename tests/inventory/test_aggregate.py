@@ -5,9 +5,16 @@ from uuid import UUID
 
 import pytest
 
+from app.messages import PermanentError
 from modules.inventory.aggregate import Stock
 from modules.inventory.commands import InsufficientStock
-from modules.inventory.events import ReservationCommitted, ReservationReleased, StockAdded, StockReserved
+from modules.inventory.events import (
+    ReservationCommitted,
+    ReservationReleased,
+    ReservationRetaken,
+    StockAdded,
+    StockReserved,
+)
 
 SKU = "sku-1"
 ORDER_A = UUID("00000000-0000-0000-0000-00000000000a")
@@ -107,3 +114,29 @@ def test_restoring_a_stock_snapshot_rebuilds_available_and_holds():
     copy.restore(stock.snapshot())
 
     assert (copy.available, copy.holds) == (7, {order: 3})
+
+
+HELD_THEN_RELEASED = [
+    TEN_ADDED,
+    StockReserved(sku=SKU, order_id=ORDER_A, quantity=4),
+    ReservationReleased(sku=SKU, order_id=ORDER_A, quantity=4, reason="no payment outcome"),
+]
+
+
+def test_retaking_a_released_hold_whose_units_are_free_records_reservation_retaken_and_sells_them():
+    stock = Stock.rehydrate(SKU, HELD_THEN_RELEASED)
+
+    stock.retake(ORDER_A, 4)
+
+    assert stock.collect_events() == [ReservationRetaken(sku=SKU, order_id=ORDER_A, quantity=4)]
+    assert (stock.available, stock.reserved) == (6, 0)
+
+
+def test_retaking_a_released_hold_whose_units_are_gone_raises_permanent_error_and_records_nothing():
+    stock = Stock.rehydrate(SKU, [*HELD_THEN_RELEASED, StockReserved(sku=SKU, order_id=ORDER_B, quantity=8)])
+
+    with pytest.raises(PermanentError, match="only 2 are available"):
+        stock.retake(ORDER_A, 4)
+
+    assert stock.collect_events() == []
+    assert (stock.available, stock.reserved) == (2, 8)

@@ -1,0 +1,1 @@
+"""The contract of the relay tests' throwaway "testing" module: found by the contract loader."""
