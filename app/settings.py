@@ -161,10 +161,10 @@ class Settings:
         8, env="SWITCHBOARD_RETRY_MAX_ATTEMPTS", doc="attempts before a row becomes a dead letter"
     )
     reservation_ttl_seconds: float = setting(
-        60.0,
+        900.0,
         env="SWITCHBOARD_RESERVATION_TTL",
         unit="seconds",
-        doc="inventory: stock holds no OrderPlaced confirmed are released after this (s)",
+        doc="inventory: a stock hold with no payment outcome is released after this (s); longer than a charge's whole retry budget",
     )
 
     @classmethod

@@ -170,7 +170,8 @@ async def measure(server: env.DatabaseServer, config: RemoteConfig, port: int, l
             "SWITCHBOARD_HEARTBEAT": str(HEARTBEAT),
             "SWITCHBOARD_BASE_URL": base,
             "SWITCHBOARD_MODULES": "inventory",
-            # the hold-expiry sweep would ask `orders` (hosted nowhere here) about every hold
+            # no payment outcome ever reaches these holds (payments runs nowhere here): keep the
+            # hold-expiry sweep from releasing them mid-measurement
             "SWITCHBOARD_RESERVATION_TTL": "3600",
         }
     )

@@ -52,7 +52,7 @@ def test_an_empty_environment_gives_the_declared_defaults():
     assert dataclasses.replace(settings, instance_id="x") == Settings(instance_id="x")
     assert settings.database_url is None and settings.modules is None
     assert (settings.data_dir, settings.default_timeout, settings.db_pool_size) == (Path(".switchboard"), 5.0, 20)
-    assert settings.reservation_ttl_seconds == 60.0
+    assert settings.reservation_ttl_seconds == 900.0
 
 
 def test_numbers_paths_and_strings_are_parsed_from_their_variables():
