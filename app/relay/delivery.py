@@ -48,7 +48,7 @@ SELECT message_id FROM inbox WHERE subscriber = $1 AND message_id = ANY($2::uuid
 # of PostgreSQL can lose the last ones committed (up to 3 x wal_writer_delay), whole -- never
 # part of one -- and their rows are then simply pending again and delivered again. Anything that
 # depended on a lost delivery is lost with it: the WAL is flushed in order, so a later flushed
-# commit flushes every earlier one. Without this, the relay's database sessions spent most of
+# commit flushes every earlier one. Without this, the database sessions spent most of
 # their time queued on the WAL flush.
 ACK_WITH_INBOX_SQL = """
 WITH seen AS (
