@@ -12,10 +12,10 @@ from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.handlers import BaseRouteHandler
 from litestar.params import FromQuery, PathParameter
 
-from app import operations
 from app.db import Database
 from app.messages import CommandRejected
 from app.registry import STALE_AFTER_BEATS, list_services
+from app.relay import dead_letters as dlq
 
 
 def require_admin_token(connection: ASGIConnection, _: BaseRouteHandler) -> None:
@@ -40,7 +40,7 @@ class AdminController(Controller):
 
     @get("/outbox")
     async def outbox(self, db: NamedDependency[Database]) -> dict[str, Any]:
-        return await operations.outbox_status(db)
+        return await dlq.outbox_status(db)
 
     @get("/dead-letters")
     async def dead_letters(
@@ -50,31 +50,31 @@ class AdminController(Controller):
         status: FromQuery[str | None] = "parked",
     ) -> list[dict[str, Any]]:
         status = None if status == "all" else status  # as the CLI's `dlq list --status all`
-        return await operations.list_dead_letters(db, subscriber=subscriber, status=status)
+        return await dlq.list_dead_letters(db, subscriber=subscriber, status=status)
 
     @get("/dead-letters/{letter_id:int}")
     async def dead_letter(self, letter_id: LetterId, db: NamedDependency[Database]) -> dict[str, Any]:
-        letter = await operations.get_dead_letter(db, letter_id)
+        letter = await dlq.get_dead_letter(db, letter_id)
         if letter is None:
             raise NotFoundException(f"no dead letter {letter_id}")
         return letter
 
     @post("/dead-letters/{letter_id:int}/replay", status_code=200)
     async def replay(self, letter_id: LetterId, db: NamedDependency[Database], request: Request) -> dict[str, Any]:
-        return await self._resolve(operations.replay, db, letter_id, request)
+        return await self._resolve(dlq.replay, db, letter_id, request)
 
     @post("/dead-letters/{letter_id:int}/discard", status_code=200)
     async def discard(self, letter_id: LetterId, db: NamedDependency[Database], request: Request) -> dict[str, Any]:
-        return await self._resolve(operations.discard, db, letter_id, request)
+        return await self._resolve(dlq.discard, db, letter_id, request)
 
     async def _resolve(self, action, db: Database, letter_id: int, request: Request) -> dict[str, Any]:
         done = await action(db, [letter_id], _actor(request))
         if not done:
-            letter = await operations.get_dead_letter(db, letter_id)
+            letter = await dlq.get_dead_letter(db, letter_id)
             if letter is None:
                 raise NotFoundException(f"no dead letter {letter_id}")
             raise CommandRejected(f"dead letter {letter_id} is already {letter['status']}")
-        return {"id": letter_id, "status": "replayed" if action is operations.replay else "discarded"}
+        return {"id": letter_id, "status": "replayed" if action is dlq.replay else "discarded"}
 
     @get("/services")
     async def services(self, db: NamedDependency[Database], request: Request) -> list[dict[str, Any]]:

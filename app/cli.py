@@ -160,9 +160,9 @@ def cmd_services(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox_status(args: argparse.Namespace) -> int:
-    from app import operations
+    from app.relay import dead_letters
 
-    status = _run(operations.outbox_status)
+    status = _run(dead_letters.outbox_status)
     if args.json:
         _print_json(status)
         return 0
@@ -175,10 +175,10 @@ def cmd_outbox_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_list(args: argparse.Namespace) -> int:
-    from app import operations
+    from app.relay import dead_letters
 
     status = None if args.status == "all" else args.status
-    letters = _run(lambda db: operations.list_dead_letters(db, subscriber=args.subscriber, status=status, limit=args.limit))
+    letters = _run(lambda db: dead_letters.list_dead_letters(db, subscriber=args.subscriber, status=status, limit=args.limit))
     if args.json:
         _print_json(letters)
     else:
@@ -187,9 +187,9 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
 
 def cmd_dlq_show(args: argparse.Namespace) -> int:
-    from app import operations
+    from app.relay import dead_letters
 
-    letter = _run(operations.get_dead_letter, args.id)
+    letter = _run(dead_letters.get_dead_letter, args.id)
     if letter is None:
         print(f"no dead letter {args.id}", file=sys.stderr)
         return 1
@@ -198,13 +198,13 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
 
 
 def _resolve(args: argparse.Namespace, action_name: str) -> int:
-    from app import operations
+    from app.relay import dead_letters
 
-    action = getattr(operations, action_name)
+    action = getattr(dead_letters, action_name)
     actor = f"cli:{os.environ.get('USER', 'unknown')}"
 
     async def go(db):
-        ids = await operations.parked_ids(db, args.subscriber) if args.all else [args.id]
+        ids = await dead_letters.parked_ids(db, args.subscriber) if args.all else [args.id]
         return await action(db, ids, actor)
 
     if not args.all and args.id is None:

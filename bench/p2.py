@@ -33,10 +33,10 @@ import msgspec
 
 from app.bootstrap import bootstrap
 from app.db import Database
+from app.eventstore import APPEND_SQL
 from app.messages import Event
 from app.relay import Relay
 from app.settings import Settings
-from app.uow import APPEND_SQL
 from app.wiring import Module, Subscription
 from bench.loadgen import percentile
 

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from app import operations
 from app.messages import PermanentError
 from app.relay import Relay
+from app.relay import dead_letters as operations
 from app.wiring import Envelope, Subscription
 from tests.app.relay_worker import (
     SUBSCRIBER,

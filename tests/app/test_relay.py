@@ -10,7 +10,8 @@ from dataclasses import replace
 import pytest
 
 from app.messages import PermanentError
-from app.relay import Relay, backoff_delay
+from app.relay import Relay
+from app.relay.policy import backoff_delay
 from app.wiring import Envelope, Subscription
 from tests.app.relay_worker import (
     SUBSCRIBER,

@@ -15,7 +15,8 @@ import pytest
 from app.aggregate import Aggregate
 from app.bootstrap import bootstrap
 from app.messages import Event
-from app.relay import ACK_WITH_INBOX_SQL, Relay
+from app.relay import Relay
+from app.relay.delivery import ACK_WITH_INBOX_SQL
 from app.uow import UnitOfWork
 from app.wiring import Envelope, Module, Subscription
 from tests.app.relay_worker import (

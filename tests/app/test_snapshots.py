@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from app.uow import LOAD_SQL
+from app.eventstore import LOAD_SQL
 from modules.inventory.aggregate import Stock
 
 

@@ -1,14 +1,45 @@
-"""What operators do to the outbox and dead letters; shared by the CLI and the admin API.
+"""Dead letters, the whole state machine: the relay parks a row that failed for good (and its
+key's later rows behind it); an operator lists, reads, replays or discards it (the CLI's `dlq`
+commands and the admin API call these functions); and the outbox status shows the keys parked.
 Every statement is parameterised: nothing is built from input."""
 
 from __future__ import annotations
 
+import logging
+import traceback
 from typing import Any
 
 from app.db import OUTBOX_CHANNEL, Database
 
+log = logging.getLogger("app.relay")
+
+# Park the row as a dead letter and park its key's later rows behind it (ordered dead-lettering).
+DEAD_LETTER_SQL = """
+WITH dead AS (
+    UPDATE outbox SET status = 'dead', locked_by = NULL, locked_until = NULL, last_error = $2,
+        first_failed_at = coalesce(first_failed_at, now())
+    WHERE id = $1 AND locked_by = $7 AND status = 'pending'
+    RETURNING *
+), letter AS (
+    INSERT INTO dead_letters (outbox_id, message_id, position, subscriber, type, partition_key, payload,
+        headers, attempts, error_type, error_message, error_traceback, first_failed_at, last_failed_at)
+    SELECT id, message_id, position, subscriber, type, partition_key, payload, headers, attempts,
+        $3, $4, $5, first_failed_at, now()
+    FROM dead
+    RETURNING id, outbox_id, subscriber, partition_key
+), history AS (
+    INSERT INTO dead_letter_history (dead_letter_id, action, actor) SELECT id, 'parked', $6 FROM letter
+), parked AS (
+    UPDATE outbox o SET status = 'blocked', blocked_by = letter.id
+    FROM letter
+    WHERE o.subscriber = letter.subscriber AND o.partition_key = letter.partition_key
+      AND o.id > letter.outbox_id AND o.status = 'pending'
+)
+SELECT id FROM letter
+"""
+
 # 'inflight' is a pending row under a live lease (a relay is delivering it); the table keeps such
-# rows 'pending' so that claiming one changes no indexed column (see app/relay.py CLAIM_SQL).
+# rows 'pending' so that claiming one changes no indexed column (see app/relay/claims.py CLAIM_SQL).
 STATUS_SQL = """
 WITH o AS (
     SELECT subscriber, attempts, created_at, available_at,
@@ -65,6 +96,33 @@ WITH letter AS (
 )
 SELECT id FROM letter ORDER BY id
 """
+
+
+async def park(db: Database, row, error: BaseException, summary: str, instance_id: str) -> int | None:
+    """Dead-letter a row this relay still holds (and park its key's later rows). Returns the
+    letter's id, or None if the relay lost the row's lease (another relay's outcome stands)."""
+    trace = "".join(traceback.format_exception(error, limit=6))[-4000:]
+    async with db.acquire() as conn:
+        letter = await conn.fetchval(
+            DEAD_LETTER_SQL,
+            row["id"],
+            summary,
+            type(error).__name__,
+            str(error)[:2000],
+            trace,
+            f"relay:{instance_id}",
+            instance_id,
+        )
+    if letter is None:
+        log.warning(
+            "outbox row %s (%s) failed after this relay lost its lease: %s",
+            row["id"],
+            row["subscriber"],
+            summary,
+        )
+        return None
+    log.warning("dead-lettered outbox row %s (%s) as %s: %s", row["id"], row["subscriber"], letter, summary)
+    return letter
 
 
 async def outbox_status(db: Database) -> dict[str, Any]:

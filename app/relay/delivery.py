@@ -1,0 +1,232 @@
+"""Delivering one subscriber's claimed rows on one connection: fast runs (app/relay/fast.py)
+until a handler fails, then carefully -- a savepoint per delivery -- with the inbox rows and
+the acknowledgement in the deliveries' own transaction."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import msgspec
+
+from app import context
+from app.conflicts import retry_on_conflict
+from app.messages import ConcurrencyError, PermanentError
+from app.relay import fast
+from app.relay.claims import rowcount
+from app.relay.policy import LeaseExpired, RetryPolicies
+from app.relay.settle import Outcome
+from app.uow import UnitOfWork
+from app.wiring import Envelope
+
+if TYPE_CHECKING:
+    from app.bootstrap import System
+
+log = logging.getLogger("app.relay")
+
+# In the delivery's savepoint: a row comes back if the message is new to this subscriber; a
+# failed delivery rolls its inbox row back with its effects.
+INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
+
+# The fast path reads which of a group's messages its subscriber has applied before, once, and
+# writes the inbox rows of a run together with its acknowledgement (the careful path writes each
+# inbox row in its delivery's savepoint and acknowledges with none). A concurrent relay that
+# applied one of them meanwhile (a lapsed lease) makes the INSERT fail: the run rolls back and is
+# delivered carefully, where the per-delivery inbox check skips it.
+INBOX_SEEN_SQL = """
+SELECT message_id FROM inbox WHERE subscriber = $1 AND message_id = ANY($2::uuid[])
+"""
+
+# The acknowledgement also makes its transaction commit without waiting for the WAL flush
+# (`synchronous_commit off` for this transaction only: a one-time filter, evaluated once before
+# any row). A delivery's transaction only derives state from an outbox row that is already
+# durable, and holds the effects, the inbox rows, the new events and the ack together; a crash
+# of PostgreSQL can lose the last ones committed (up to 3 x wal_writer_delay), whole -- never
+# part of one -- and their rows are then simply pending again and delivered again. Anything that
+# depended on a lost delivery is lost with it: the WAL is flushed in order, so a later flushed
+# commit flushes every earlier one. Without this, the database sessions spent most of
+# their time queued on the WAL flush.
+ACK_WITH_INBOX_SQL = """
+WITH seen AS (
+    INSERT INTO inbox (subscriber, message_id) SELECT $3, unnest($4::uuid[])
+)
+UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
+  AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'
+"""
+
+# After a handler failure its subscriber is delivered carefully (a savepoint per delivery) for
+# this long, so a subscriber that keeps failing does not keep re-running its good deliveries.
+CAREFUL_SECONDS = 30.0
+RUN_CONFLICT_RETRIES = 5  # a fast run that lost an optimistic-concurrency race is run again
+DELIVERY_CONFLICT_RETRIES = 4  # a careful delivery that lost one decides again, in a new savepoint
+GROUP_SIZE = 50
+
+
+def groups(rows: list) -> list[list]:
+    """Split a batch into delivery groups (one connection each, delivered in turn), one
+    subscriber's rows together: a failing subscriber's fast run rolls back and re-runs only its
+    own deliveries, never another subscriber's."""
+    by_subscriber: dict[str, list] = {}
+    for row in rows:
+        by_subscriber.setdefault(row["subscriber"], []).append(row)
+    return [
+        rows[i : i + GROUP_SIZE] for rows in by_subscriber.values() for i in range(0, len(rows), GROUP_SIZE)
+    ]
+
+
+async def acknowledge(
+    conn: asyncpg.Connection, ids: list[int], instance_id: str, subscriber: str, applied: list
+) -> int:
+    """Mark delivered, in the deliveries' own transaction: effects and acknowledgement commit
+    together, so a crash cannot leave an applied row unacknowledged (the inbox still guards
+    the race of a relay whose lease lapsed mid-batch). `applied`: the message ids whose inbox
+    rows go in the same statement (the fast path's; the careful path wrote its own)."""
+    if not ids:
+        return 0
+    return rowcount(await conn.execute(ACK_WITH_INBOX_SQL, ids, instance_id, subscriber, applied))
+
+
+def _lost_race(error: BaseException) -> bool:
+    return isinstance(error, fast.HandlerFailed) and isinstance(error.error, ConcurrencyError)
+
+
+class Delivery:
+    """One relay's deliveries: runs the handlers, acknowledges, and remembers which subscribers
+    are delivered carefully for now."""
+
+    def __init__(
+        self,
+        system: System,
+        instance_id: str,
+        handler_timeout: float,
+        policies: RetryPolicies,
+        acknowledge: Callable[[asyncpg.Connection, list[int], str, list], Awaitable[int]],
+    ) -> None:
+        self.system, self.db, self.instance_id = system, system.db, instance_id
+        self.acknowledge = acknowledge  # (conn, ids, subscriber, applied): `acknowledge` for this relay
+        self.handler_timeout = handler_timeout
+        self.policies = policies
+        self.careful_until: dict[str, float] = {}  # subscriber -> delivered carefully until then
+        self.delivered = 0
+
+    async def group(self, rows: list, hold_seconds: float) -> list[Outcome]:
+        """Deliver one subscriber's rows on one connection: optimistically several to a
+        transaction without savepoints (`fast.run`, whose runs end once they have held their
+        events `hold_seconds`); when a handler fails, the run rolls back and its rows go through
+        `careful` (a savepoint each) -- except the failed one, whose error is its outcome -- and so
+        does the subscriber for CAREFUL_SECONDS. A lost optimistic-concurrency race is no failure:
+        the run is run again."""
+        subscriber = rows[0]["subscriber"]
+        if self.careful_until.get(subscriber, 0.0) > time.monotonic():
+            return await self.careful(rows)
+        outcomes: list[Outcome] = []
+        left = rows  # not yet delivered
+
+        async def runs() -> None:
+            # A stream changed under a handler (e.g. POST /orders reserved the same stock) rolls
+            # the run back: retried from the first row it had not delivered, on fresh state.
+            nonlocal left
+            while left:
+                done, left = await fast.run(self, subscriber, left, seen, hold_seconds)
+                outcomes.extend(done)
+
+        try:
+            seen = {
+                r[0] for r in await self.db.fetch(INBOX_SEEN_SQL, subscriber, [r["message_id"] for r in rows])
+            }
+            await retry_on_conflict(runs, retries=RUN_CONFLICT_RETRIES, conflict=_lost_race)
+        except fast.HandlerFailed as failed:
+            i, error = failed.index, failed.error
+            self.careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS
+            if isinstance(error, ConcurrencyError):  # careful retries it on fresh state
+                outcomes += await self.careful(left[: i + 1])
+            else:
+                outcomes += await self.careful(left[:i])
+                outcomes.append(Outcome(left[i], error, failed.seconds))
+            outcomes += await self.careful(left[i + 1 :])
+        except Exception as error:  # the run's own statements failed: nothing of it happened
+            log.info("relay %s: fast delivery failed, delivering one by one: %s", self.instance_id, error)
+            outcomes += await self.careful(left)
+        return outcomes
+
+    async def careful(self, rows: list) -> list[Outcome]:
+        """Deliver rows one savepoint each, so a failure undoes only that one; the
+        acknowledgements in the same transaction; one COMMIT for the lot (and one after each
+        delivery that appended events)."""
+        if not rows:
+            return []
+        started = time.perf_counter()
+        outcomes: list[Outcome] = []
+        durable = 0  # outcomes[:durable] are committed
+        uow = self.system.uow()
+        try:
+            async with uow:
+                conn = await uow.transaction()
+                done: list[int] = []
+                for i, row in enumerate(rows):
+                    outcome, appended = await self._deliver(uow, conn, row)
+                    outcomes.append(outcome)
+                    if outcome.error is None:
+                        done.append(row["id"])
+                    if appended or i == len(rows) - 1:
+                        acknowledged = await self.acknowledge(conn, done, rows[0]["subscriber"], [])
+                        await uow.commit()
+                        self.delivered += acknowledged
+                        durable, done = len(outcomes), []
+                        if i < len(rows) - 1:
+                            conn = await uow.transaction()
+        except Exception as error:  # the open transaction failed: what it held did not happen
+            log.warning("relay %s: a delivery transaction failed: %s", self.instance_id, error)
+            failed = [Outcome(row, error, time.perf_counter() - started) for row in rows[durable:]]
+            return outcomes[:durable] + failed
+        return outcomes
+
+    async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row) -> tuple[Outcome, bool]:
+        """One delivery in a savepoint. Returns its outcome and whether it appended events."""
+        started = time.perf_counter()
+        bound = self.system.subscriptions.get(row["subscriber"])
+        try:
+            async with asyncio.timeout(self.handler_timeout):
+                appended = await retry_on_conflict(
+                    self._attempt, uow, conn, bound, row, retries=DELIVERY_CONFLICT_RETRIES
+                )
+            return Outcome(row, None, time.perf_counter() - started), appended
+        except Exception as error:
+            return Outcome(row, error, time.perf_counter() - started), False
+
+    async def _attempt(self, uow: UnitOfWork, conn: asyncpg.Connection, bound, row) -> bool:
+        """One try of a delivery, in a SAVEPOINT (a failure undoes this delivery only) and with a
+        unit of its own (a retry decides again on fresh state). Returns whether it appended."""
+        child = uow.child()
+        async with conn.transaction():
+            if not await conn.fetchval(INBOX_SQL, row["subscriber"], row["message_id"]):
+                return False  # applied before (a redelivery): acknowledge without running it
+            await self.apply(bound, child, row)
+        return bool(child.positions)
+
+    async def apply(self, bound, uow: UnitOfWork, row) -> None:
+        """Run the row's handler with `uow` (decoded event, envelope, correlation context)."""
+        if bound is None or bound.handler is None:
+            raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
+        if row["attempts"] > self.policies[row["subscriber"]].max_attempts:  # see RetryPolicy
+            raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
+        event = self.system.catalog.decode(row["type"], row["payload"])
+        headers = _decode_headers(row["headers"])
+        context.correlation_id.set(headers.get("correlation_id"))
+        context.causation_id.set(str(row["message_id"]))
+        envelope = Envelope(
+            message_id=row["message_id"],
+            position=row["position"],
+            subscriber=row["subscriber"],
+            attempt=row["attempts"],
+            headers=headers,
+        )
+        await bound.handler(event, uow=uow, envelope=envelope)
+
+
+_decode_headers = msgspec.json.Decoder(dict[str, Any]).decode

@@ -1,0 +1,119 @@
+"""The fast path: a run of one subscriber's deliveries in one transaction without savepoints,
+its events appended in one statement (app/eventstore.py) with the rows its handlers staged, its
+inbox rows and acknowledgement in another, one COMMIT."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from app.aggregate import Aggregate
+from app.db import Database
+from app.eventstore import EventCatalog, append
+from app.messages import ConcurrencyError
+from app.relay.settle import Outcome
+from app.staging import Staged, columns_of, merged, staged_insert
+from app.uow import UnitOfWork
+
+if TYPE_CHECKING:
+    from app.relay.delivery import Delivery
+
+
+class HandlerFailed(Exception):
+    """A handler failed in a fast run (which then rolled back): which row of the rows the group
+    had left when the run began, why, after how long."""
+
+    def __init__(self, index: int, error: BaseException, seconds: float) -> None:
+        self.index, self.error, self.seconds = index, error, seconds
+
+
+class _Run:
+    """What a run's deliveries share: the connection in its transaction, one identity map, the
+    rows they staged, and whether any recorded events."""
+
+    __slots__ = ("db", "catalog", "conn", "tx", "seen", "staged", "decided")
+
+    def __init__(self, db: Database, catalog: EventCatalog, conn: asyncpg.Connection, tx) -> None:
+        self.db, self.catalog, self.conn, self.tx = db, catalog, conn, tx
+        self.seen: dict[tuple[type, object], Aggregate] = {}
+        self.staged: list[Staged] = []
+        self.decided = False
+
+
+class RunUnit(UnitOfWork):
+    """A delivery's unit in a fast run: the run's connection, transaction and identity map, so a
+    later delivery that loads a stream an earlier one changed gets that aggregate, its new events
+    included. Its commit writes nothing: it hands its staged rows to the run, which appends every
+    delivery's events with them when it commits (or rolls them all back)."""
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__(run.db, run.catalog)
+        self._conn, self._tx, self._depth, self._seen = run.conn, run.tx, 1, run.seen
+        self._run = run
+
+    async def commit(self) -> None:
+        run = self._run
+        run.staged.extend(self._staged)
+        self._staged = []
+        run.decided = run.decided or any(a.pending_events for a in self._seen.values())
+
+
+async def run(
+    delivery: Delivery, subscriber: str, rows: list, seen: set, hold_seconds: float
+) -> tuple[list[Outcome], list]:
+    """The handlers in turn in one transaction, sharing one identity map and writing nothing
+    themselves; then the inbox rows and the acknowledgement in one statement, every event the
+    handlers recorded in one append (with the rows they staged), one COMMIT. Once a handler has
+    recorded events, the run ends as soon as it has taken `hold_seconds`, returning the rest: its
+    decisions rest on the streams it loaded, and the longer they wait for the append, the likelier
+    another writer (e.g. POST /orders reserving stock) changed one first. A handler error -- or a
+    lost race at the append -- rolls the whole run back and raises `HandlerFailed`. Returns the
+    outcomes and the rows left for the next run."""
+    outcomes: list[Outcome] = []
+    applied: list = []
+    bound = delivery.system.subscriptions.get(subscriber)
+    db = delivery.db
+    began = time.perf_counter()
+    async with db.pool.acquire() as conn:
+        tx = conn.transaction()
+        async with tx:
+            shared = _Run(db, delivery.system.catalog, conn, tx)
+            for i, row in enumerate(rows):
+                started = time.perf_counter()
+                if row["message_id"] not in seen:  # else applied before: just acknowledge
+                    try:
+                        async with asyncio.timeout(delivery.handler_timeout):
+                            await delivery.apply(bound, RunUnit(shared), row)
+                    except Exception as error:
+                        raise HandlerFailed(i, error, time.perf_counter() - started) from error
+                    applied.append(row["message_id"])
+                    outcomes.append(Outcome(row, None, time.perf_counter() - started))
+                    if shared.decided and time.perf_counter() - began >= hold_seconds:
+                        break
+                else:
+                    outcomes.append(Outcome(row, None, time.perf_counter() - started))
+            ids = [o.row["id"] for o in outcomes]
+            acknowledged = await delivery.acknowledge(conn, ids, subscriber, applied)
+            published = await _write(shared, outcomes, began)
+        if published:
+            db.outbox_written()  # committed: wake the relays
+    delivery.delivered += acknowledged
+    return outcomes, rows[len(outcomes) :]
+
+
+async def _write(shared: _Run, outcomes: list[Outcome], began: float) -> int:
+    """The run's events with its staged rows, or its staged rows alone. Returns the outbox rows
+    written."""
+    # One lock order for every writer: two touching the same streams queue, not deadlock.
+    pending = sorted((a for a in shared.seen.values() if a.pending_events), key=lambda a: a.stream_id)
+    if not pending:
+        for entry in merged(shared.staged):
+            await shared.conn.execute(staged_insert(entry, 1), *columns_of([entry]))
+        return 0
+    try:
+        return await append(shared.conn, shared.catalog, pending, merged(shared.staged), [])
+    except ConcurrencyError as error:  # a stream changed since a handler loaded it
+        raise HandlerFailed(len(outcomes) - 1, error, time.perf_counter() - began) from error

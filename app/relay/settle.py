@@ -1,0 +1,66 @@
+"""Settling a batch's outcomes: count the deliveries, schedule the failures' retries (one
+statement for the batch) or dead-letter them, by each subscriber's retry policy."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from app.db import Database
+from app.messages import PermanentError
+from app.relay import dead_letters
+from app.relay.policy import LeaseExpired, RetryPolicies
+
+log = logging.getLogger("app.relay")
+
+DELIVERED = Counter("switchboard_relay_delivered_total", "Outbox rows delivered", ["subscriber"])
+FAILED = Counter("switchboard_relay_failures_total", "Failed deliveries", ["subscriber", "outcome"])
+LAG = Histogram(
+    "switchboard_relay_lag_seconds",
+    "Commit-to-handler lag of delivered rows",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+RETRY_SQL = """
+UPDATE outbox o SET locked_by = NULL, locked_until = NULL,
+    available_at = now() + make_interval(secs => f.delay), last_error = f.error,
+    first_failed_at = coalesce(o.first_failed_at, now())
+FROM unnest($1::bigint[], $2::float8[], $3::text[]) AS f(id, delay, error)
+WHERE o.id = f.id AND o.locked_by = $4 AND o.status = 'pending'
+"""
+
+
+@dataclass
+class Outcome:
+    row: Any
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+
+async def settle(db: Database, outcomes: list[Outcome], policies: RetryPolicies, instance_id: str) -> None:
+    for o in outcomes:
+        if o.error is None:
+            DELIVERED.labels(o.row["subscriber"]).inc()
+            LAG.observe(float(o.row["age"]) + o.seconds)
+    retries: tuple[list, list, list] = ([], [], [])
+    for outcome in outcomes:
+        if outcome.error is None:
+            continue
+        row, error = outcome.row, outcome.error
+        policy = policies[row["subscriber"]]
+        summary = f"{type(error).__name__}: {error}"[:2000]
+        if isinstance(error, (PermanentError, LeaseExpired)) or policy.exhausted(row["attempts"]):
+            FAILED.labels(row["subscriber"], "dead_lettered").inc()
+            await dead_letters.park(db, row, error, summary, instance_id)
+        else:
+            FAILED.labels(row["subscriber"], "retry").inc()
+            delay = policy.delay(row["attempts"])
+            retries[0].append(row["id"])
+            retries[1].append(delay)
+            retries[2].append(summary)
+            log.info("retrying %s for %s in %.2fs: %s", row["id"], row["subscriber"], delay, summary)
+    if retries[0]:
+        await db.execute(RETRY_SQL, *retries, instance_id)
