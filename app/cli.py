@@ -37,8 +37,7 @@ def database_url() -> Iterator[tuple[str, EmbeddedPostgres | None]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from app.supervise import serve_http
 
     with database_url() as (url, _):
         os.environ["DATABASE_URL"] = url  # workers reach the same server
@@ -53,18 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             upgrade(url)
         get_settings.cache_clear()  # each worker reads its own settings (its own instance id)
         print(f"switchboard: serving on http://{args.host}:{args.port} (database {_safe(url)})", flush=True)
-        Granian(
-            "app.main:create_app",
-            factory=True,
-            address=args.host,
-            port=args.port,
-            interface=Interfaces.ASGI,
-            workers=args.workers,
-            loop=Loops.uvloop,
-            backlog=args.backlog,
-            backpressure=args.backpressure,
-            log_access=False,
-        ).serve()
+        serve_http(args.host, args.port, workers=args.workers, backlog=args.backlog, backpressure=args.backpressure)
     return 0
 
 
