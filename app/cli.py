@@ -37,8 +37,12 @@ def database_url() -> Iterator[tuple[str, EmbeddedPostgres | None]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from app.ports import IN_USE, port_in_use
     from app.supervise import serve_http
 
+    if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
+        print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
+        return 1
     with database_url() as (url, _):
         os.environ["DATABASE_URL"] = url  # workers reach the same server
         if args.modules:
