@@ -37,9 +37,12 @@ def database_url() -> Iterator[tuple[str, EmbeddedPostgres | None]]:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from app.ports import IN_USE, port_in_use
+    from app.supervise import serve_http
 
+    if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
+        print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
+        return 1
     with database_url() as (url, _):
         os.environ["DATABASE_URL"] = url  # workers reach the same server
         if args.modules:
@@ -53,18 +56,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             upgrade(url)
         get_settings.cache_clear()  # each worker reads its own settings (its own instance id)
         print(f"switchboard: serving on http://{args.host}:{args.port} (database {_safe(url)})", flush=True)
-        Granian(
-            "app.main:create_app",
-            factory=True,
-            address=args.host,
-            port=args.port,
-            interface=Interfaces.ASGI,
-            workers=args.workers,
-            loop=Loops.uvloop,
-            backlog=args.backlog,
-            backpressure=args.backpressure,
-            log_access=False,
-        ).serve()
+        serve_http(args.host, args.port, workers=args.workers, backlog=args.backlog, backpressure=args.backpressure)
     return 0
 
 

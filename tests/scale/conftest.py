@@ -267,3 +267,95 @@ async def call(
 
 def order_body(sku: str, quantity: int, payment_method: str, customer: str = "c-1") -> dict[str, Any]:
     return {"customer_id": customer, "items": [{"sku": sku, "quantity": quantity}], "payment_method": payment_method}
+
+
+def alive(pid: int) -> bool:
+    """Does `pid` run (a zombie, killed but not yet reaped, does not)? (Linux /proc.)"""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] not in ("Z", "X")
+
+
+def children(pid: int) -> set[int]:
+    """The live child processes of `pid` (Linux /proc: each thread lists the children it forked)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            found.update(int(child) for child in task.read_text().split())
+    return {child for child in found if alive(child)}
+
+
+def postmaster_pid(data_dir: Path) -> int | None:
+    """The pid in the embedded server's postmaster.pid under `data_dir`, if the file is there."""
+    try:
+        return int((data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def kill_postmaster(data_dir: Path, timeout: float = 10.0) -> bool:
+    """Teardown: stop a postmaster the test's processes left running (SIGQUIT: immediate shutdown,
+    then SIGKILL). The postmaster detaches from its starter's process group, so killing the group
+    does not reach it. Returns whether one was running."""
+    pid = postmaster_pid(data_dir)
+    if pid is None or not alive(pid):
+        return False
+    for sig, wait in ((signal.SIGQUIT, timeout), (signal.SIGKILL, timeout)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the postmaster shutting down: not a test's synchronisation
+        if not alive(pid):
+            break
+    return True
+
+
+class EmbeddedServer(Server):
+    """`switchboard serve` on its own embedded PostgreSQL in `data_dir` (no DATABASE_URL),
+    migrating it on start. `stop()` is a clean SIGTERM; teardown kills whatever is left,
+    the postmaster included."""
+
+    def __init__(self, name: str, port: int, data_dir: Path, env: dict[str, str], log_path: Path, workers: int = 1):
+        env = {k: v for k, v in env.items() if k != "DATABASE_URL"} | {"SWITCHBOARD_DATA_DIR": str(data_dir)}
+        super().__init__(name, port, None, env, log_path)
+        self.data_dir = data_dir
+        self.workers = workers
+
+    def spawn(self) -> None:
+        command = [sys.executable, "-m", "app", "serve", "--port", str(self.port), "--workers", str(self.workers)]
+        self.starts += 1
+        with self.log_path.open("a") as log:
+            log.write(f"\n===== {self.name} start #{self.starts}: {' '.join(command)}\n")
+            log.flush()
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def workers_pids(self) -> set[int]:
+        assert self.process is not None
+        return children(self.process.pid)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM the main process (granian stops its workers, `serve` its database); its exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        super().kill()
+        kill_postmaster(self.data_dir)
+
+
+async def start_embedded(
+    cluster: Cluster, name: str, data_dir: Path, workers: int = 1, port: int | None = None
+) -> EmbeddedServer:
+    """Start an EmbeddedServer in the cluster (so its teardown kills it) and wait until it is ready."""
+    env = {k: v for k, v in cluster.env().items() if k != "DATABASE_URL"}
+    server = EmbeddedServer(name, port or free_port(), data_dir, env, cluster.logs / f"{name}.log", workers)
+    cluster.servers.append(server)
+    server.spawn()
+    await server.wait_ready(cluster.http, timeout=START_TIMEOUT * 2)
+    return server
