@@ -2,7 +2,7 @@
 server's bin dir) runs a one-row INSERT per transaction, with and without a NOTIFY in the same
 statement, at a few client counts. A transaction that has NOTIFYed takes a database-wide lock at
 commit and holds it until its commit record is flushed, so such commits are serialized instead of
-grouped. That is why neither switchboard's appends (APPEND_SQL, app/uow.py) nor the baseline's
+grouped. That is why neither switchboard's appends (APPEND_SQL, app/eventstore.py) nor the baseline's
 NOTIFY inside their transactions: after the commit, relays in the same process are woken by a
 callback (`Database.outbox_written`, app/db.py) and relays in other processes by one coalesced
 NOTIFY, sent in its own tiny transaction at most once per notify interval, for every commit before

