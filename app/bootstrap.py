@@ -22,6 +22,7 @@ from app.uow import UnitOfWork
 from app.wiring import Module, Subscription, inject, inject_task
 
 RELAY_PASSES = ("uow", "envelope")  # subscriber parameters the relay fills per delivery
+COMPENSATOR_PASSES = (*RELAY_PASSES, "error")  # and an on_dead_letter's: the failure's summary
 
 MODULES: tuple[str, ...] = ("inventory", "orders", "payments", "notifications")
 
@@ -35,6 +36,7 @@ class BoundSubscription:
     subscription: Subscription
     event_types: list[type]
     handler: Callable[..., Any] | None  # await handler(event, uow=uow); None when not hosted here
+    compensator: Callable[..., Any] | None = None  # its on_dead_letter, bound; None: none, or not hosted
 
 
 @dataclass
@@ -140,8 +142,12 @@ def bootstrap(
             for sub in subs:
                 bound = system.subscriptions.get(sub.name)
                 if bound is None:
-                    handler = inject(sub.handler, providers, passed=RELAY_PASSES) if module.name in hosted else None
-                    system.subscriptions[sub.name] = BoundSubscription(sub, [event_type], handler)
+                    handler = compensator = None
+                    if module.name in hosted:
+                        handler = inject(sub.handler, providers, passed=RELAY_PASSES)
+                        if sub.on_dead_letter is not None:
+                            compensator = inject(sub.on_dead_letter, providers, passed=COMPENSATOR_PASSES)
+                    system.subscriptions[sub.name] = BoundSubscription(sub, [event_type], handler, compensator)
                 elif bound.subscription is sub:  # one subscription may take several event types
                     bound.event_types.append(event_type)
                 else:

@@ -28,13 +28,19 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
 
 @dataclass(frozen=True)
 class Subscription:
-    """A module's reaction to an event. `name` is stable: it is stored on every outbox row."""
+    """A module's reaction to an event. `name` is stable: it is stored on every outbox row.
+
+    `on_dead_letter` compensates a delivery that ended in `dead_letters`: a handler (dependencies
+    by parameter name; the relay passes `uow`, `envelope` and `error`, the failure's summary) whose
+    events commit in the transaction that parks the row, so the business process ends in a
+    defined state instead of waiting for an operator."""
 
     name: str
     handler: Handler
     max_attempts: int | None = None  # None: the relay's default
     retry_base_seconds: float | None = None
     retry_cap_seconds: float | None = None
+    on_dead_letter: Handler | None = None
 
     @property
     def module(self) -> str:

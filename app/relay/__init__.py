@@ -228,7 +228,7 @@ class Relay:
                     return await self._delivery.group(group, hold)
 
             outcomes = await asyncio.gather(*map(bounded, groups(batch.rows)))
-            await settle(self.db, [o for group in outcomes for o in group], self._policies, self.instance_id)
+            await settle(self.system, [o for group in outcomes for o in group], self._policies, self.instance_id)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._claims.release(batch))

@@ -1,15 +1,23 @@
 """Dead letters, the whole state machine: the relay parks a row that failed for good (and its
-key's later rows behind it); an operator lists, reads, replays or discards it (the CLI's `dlq`
-commands and the admin API call these functions); and the outbox status shows the keys parked.
-Every statement is parameterised: nothing is built from input."""
+key's later rows behind it) and runs its subscription's compensation in the same transaction;
+an operator lists, reads, replays or discards it (the CLI's `dlq` commands and the admin API call
+these functions, which call the database's switchboard_dlq_* functions, as psql can); and the
+outbox status shows the keys parked. Every statement is parameterised: nothing is built from input."""
 
 from __future__ import annotations
 
 import logging
 import traceback
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from app.db import OUTBOX_CHANNEL, Database
+import msgspec
+
+from app.conflicts import retry_on_conflict
+from app.db import Database
+
+if TYPE_CHECKING:
+    from app.uow import UnitOfWork
 
 log = logging.getLogger("app.relay")
 
@@ -63,56 +71,42 @@ WHERE d.status = 'dead' ORDER BY d.subscriber, d.partition_key
 """
 
 LETTER_COLUMNS = """id, outbox_id, message_id, position, subscriber, type, partition_key, attempts, error_type,
-    error_message, first_failed_at, last_failed_at, status, resolved_at, resolved_by, created_at"""
+    error_message, first_failed_at, last_failed_at, status, compensation, resolved_at, resolved_by, created_at"""
 
-REPLAY_SQL = """
-WITH letter AS (
-    UPDATE dead_letters SET status = 'replayed', resolved_at = now(), resolved_by = $2
-    WHERE id = ANY($1::bigint[]) AND status = 'parked'
-    RETURNING id, outbox_id
-), again AS (
-    UPDATE outbox o SET status = 'pending', attempts = 0, available_at = now(), locked_by = NULL,
-        locked_until = NULL, first_failed_at = NULL
-    FROM letter WHERE o.id = letter.outbox_id
-), released AS (
-    UPDATE outbox o SET status = 'pending', blocked_by = NULL FROM letter WHERE o.blocked_by = letter.id
-), history AS (
-    INSERT INTO dead_letter_history (dead_letter_id, action, actor) SELECT id, 'replayed', $2 FROM letter
-)
-SELECT id FROM letter ORDER BY id
-"""
+# One implementation of replay and discard, in the database (migrations/versions/0006): the CLI,
+# the admin API and an operator in psql call the same functions. Each returns the ids it changed.
+REPLAY_SQL = "SELECT id FROM switchboard_dlq_replay($1::bigint[], $2::text) AS done(id) ORDER BY id"
+DISCARD_SQL = "SELECT id FROM switchboard_dlq_discard($1::bigint[], $2::text) AS done(id) ORDER BY id"
 
-DISCARD_SQL = """
-WITH letter AS (
-    UPDATE dead_letters SET status = 'discarded', resolved_at = now(), resolved_by = $2
-    WHERE id = ANY($1::bigint[]) AND status = 'parked'
-    RETURNING id, outbox_id
-), gone AS (
-    DELETE FROM outbox o USING letter WHERE o.id = letter.outbox_id
-), released AS (
-    UPDATE outbox o SET status = 'pending', blocked_by = NULL FROM letter WHERE o.blocked_by = letter.id
-), history AS (
-    INSERT INTO dead_letter_history (dead_letter_id, action, actor) SELECT id, 'discarded', $2 FROM letter
-)
-SELECT id FROM letter ORDER BY id
-"""
+COMPENSATED_SQL = "UPDATE dead_letters SET compensation = $2 WHERE id = $1"
+COMPENSATION_CONFLICT_RETRIES = 4  # a compensator that lost a race decides again, in a new savepoint
 
 
-async def park(db: Database, row, error: BaseException, summary: str, instance_id: str) -> int | None:
-    """Dead-letter a row this relay still holds (and park its key's later rows). Returns the
-    letter's id, or None if the relay lost the row's lease (another relay's outcome stands)."""
+class Compensation(NamedTuple):
+    """A subscription's `on_dead_letter`, bound to one row: run in the transaction that parks it."""
+
+    new_uow: Callable[[], UnitOfWork]
+    run: Callable[[UnitOfWork], Awaitable[None]]
+
+
+async def park(
+    db: Database,
+    row,
+    error: BaseException,
+    summary: str,
+    instance_id: str,
+    compensation: Compensation | None = None,
+) -> int | None:
+    """Dead-letter a row this relay still holds (and park its key's later rows), and run its
+    subscription's compensation in the same transaction. Returns the letter's id, or None if
+    the relay lost the row's lease (another relay's outcome stands: nothing is compensated)."""
     trace = "".join(traceback.format_exception(error, limit=6))[-4000:]
-    async with db.acquire() as conn:
-        letter = await conn.fetchval(
-            DEAD_LETTER_SQL,
-            row["id"],
-            summary,
-            type(error).__name__,
-            str(error)[:2000],
-            trace,
-            f"relay:{instance_id}",
-            instance_id,
-        )
+    args = (row["id"], summary, type(error).__name__, str(error)[:2000], trace, f"relay:{instance_id}", instance_id)
+    if compensation is None:
+        async with db.acquire() as conn:
+            letter = await conn.fetchval(DEAD_LETTER_SQL, *args)
+    else:
+        letter = await _park_compensated(compensation, row, args)
     if letter is None:
         log.warning(
             "outbox row %s (%s) failed after this relay lost its lease: %s",
@@ -122,6 +116,36 @@ async def park(db: Database, row, error: BaseException, summary: str, instance_i
         )
         return None
     log.warning("dead-lettered outbox row %s (%s) as %s: %s", row["id"], row["subscriber"], letter, summary)
+    return letter
+
+
+async def _park_compensated(compensation: Compensation, row, args: tuple) -> int | None:
+    """Park, then compensate in a savepoint: the compensator's events commit with the parking,
+    or -- if it fails -- the row is parked without them and the letter says why. Either way the
+    row ends parked; a failed compensation is logged at error, and a replay runs the row (and,
+    should it be dead-lettered again, its compensation) again."""
+    uow = compensation.new_uow()
+    async with uow:
+        conn = await uow.transaction()
+        letter = await conn.fetchval(DEAD_LETTER_SQL, *args)
+        if letter is not None:
+
+            async def once() -> None:
+                child = uow.child()  # a fresh identity map per try: a retry decides on fresh state
+                async with conn.transaction():
+                    await compensation.run(child)
+
+            try:
+                await retry_on_conflict(once, retries=COMPENSATION_CONFLICT_RETRIES)
+                outcome = "compensated"
+            except Exception as failure:
+                outcome = f"compensation failed: {type(failure).__name__}: {failure}"[:2000]
+                log.error(
+                    "dead letter %s (%s): parked without compensation, %s", letter, row["subscriber"], outcome,
+                    exc_info=failure,
+                )  # fmt: skip
+            await conn.execute(COMPENSATED_SQL, letter, outcome)
+        await uow.commit()
     return letter
 
 
@@ -154,6 +178,9 @@ async def get_dead_letter(db: Database, letter_id: int) -> dict[str, Any] | None
     if row is None:
         return None
     letter = dict(row)
+    # jsonb arrives as text: decoded, `dlq show` and the admin API print objects, not strings
+    letter["payload"] = _json(letter["payload"])
+    letter["headers"] = _json(letter["headers"])
     letter["history"] = [
         dict(h)
         for h in await db.fetch(
@@ -182,8 +209,7 @@ async def parked_ids(db: Database, subscriber: str | None = None) -> list[int]:
 
 
 async def _resolve(db: Database, sql: str, letter_ids: list[int], actor: str) -> list[int]:
-    async with db.acquire() as conn, conn.transaction():
-        done = [r["id"] for r in await conn.fetch(sql, letter_ids, actor)]
-        if done:
-            await conn.execute("SELECT pg_notify($1, '')", OUTBOX_CHANNEL)
-    return done
+    return [r["id"] for r in await db.fetch(sql, letter_ids, actor)]
+
+
+_json = msgspec.json.Decoder().decode

@@ -1,18 +1,25 @@
 """Settling a batch's outcomes: count the deliveries, schedule the failures' retries (one
-statement for the batch) or dead-letter them, by each subscriber's retry policy."""
+statement for the batch) or dead-letter them -- with their subscription's compensation, in the
+same transaction -- by each subscriber's retry policy."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import msgspec
 from prometheus_client import Counter, Histogram
 
-from app.db import Database
+from app import context
 from app.messages import PermanentError
 from app.relay import dead_letters
 from app.relay.policy import LeaseExpired, RetryPolicies
+from app.wiring import Envelope
+
+if TYPE_CHECKING:
+    from app.bootstrap import System
 
 log = logging.getLogger("app.relay")
 
@@ -40,7 +47,7 @@ class Outcome:
     seconds: float = 0.0
 
 
-async def settle(db: Database, outcomes: list[Outcome], policies: RetryPolicies, instance_id: str) -> None:
+async def settle(system: System, outcomes: list[Outcome], policies: RetryPolicies, instance_id: str) -> None:
     for o in outcomes:
         if o.error is None:
             DELIVERED.labels(o.row["subscriber"]).inc()
@@ -54,7 +61,7 @@ async def settle(db: Database, outcomes: list[Outcome], policies: RetryPolicies,
         summary = f"{type(error).__name__}: {error}"[:2000]
         if isinstance(error, (PermanentError, LeaseExpired)) or policy.exhausted(row["attempts"]):
             FAILED.labels(row["subscriber"], "dead_lettered").inc()
-            await dead_letters.park(db, row, error, summary, instance_id)
+            await dead_letters.park(system.db, row, error, summary, instance_id, _compensation(system, row, summary))
         else:
             FAILED.labels(row["subscriber"], "retry").inc()
             delay = policy.delay(row["attempts"])
@@ -63,4 +70,33 @@ async def settle(db: Database, outcomes: list[Outcome], policies: RetryPolicies,
             retries[2].append(summary)
             log.info("retrying %s for %s in %.2fs: %s", row["id"], row["subscriber"], delay, summary)
     if retries[0]:
-        await db.execute(RETRY_SQL, *retries, instance_id)
+        await system.db.execute(RETRY_SQL, *retries, instance_id)
+
+
+def _compensation(system: System, row, summary: str) -> dead_letters.Compensation | None:
+    """The row's subscription's `on_dead_letter`, bound to the row's event and envelope and the
+    failure's summary (`error`), within the relay's handler timeout; None if it declares none."""
+    bound = system.subscriptions.get(row["subscriber"])
+    if bound is None or bound.compensator is None:
+        return None
+    compensator, timeout = bound.compensator, system.settings.relay_handler_timeout
+
+    async def run(uow) -> None:
+        event = system.catalog.decode(row["type"], row["payload"])
+        headers = _decode_headers(row["headers"])
+        context.correlation_id.set(headers.get("correlation_id"))
+        context.causation_id.set(str(row["message_id"]))
+        envelope = Envelope(
+            message_id=row["message_id"],
+            position=row["position"],
+            subscriber=row["subscriber"],
+            attempt=row["attempts"],
+            headers=headers,
+        )
+        async with asyncio.timeout(timeout):
+            await compensator(event, uow=uow, envelope=envelope, error=summary)
+
+    return dead_letters.Compensation(system.uow, run)
+
+
+_decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
