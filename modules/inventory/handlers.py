@@ -12,7 +12,7 @@ from app.uow import UnitOfWork
 from modules.inventory.aggregate import Stock
 from modules.inventory.commands import AddStock, ReserveStock, UnknownSku
 from modules.inventory.queries import GetStockLevel, StockLevelView
-from modules.payments.events import PaymentCaptured, PaymentDeclined
+from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,10 @@ async def commit_reservation(event: PaymentCaptured, uow: UnitOfWork) -> None:
         await uow.commit()
 
 
-async def release_reservation(event: PaymentDeclined, uow: UnitOfWork) -> None:
-    await _release(uow, event.order_id, "payment declined")
+async def release_reservation(event: PaymentDeclined | PaymentFailed, uow: UnitOfWork) -> None:
+    """No payment will come: the order's hold goes back on the shelf."""
+    reason = "payment failed" if isinstance(event, PaymentFailed) else "payment declined"
+    await _release(uow, event.order_id, reason)
 
 
 async def _release(uow: UnitOfWork, order_id: UUID, reason: str) -> bool:

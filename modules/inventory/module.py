@@ -4,7 +4,9 @@ from app.wiring import Module, Subscription
 from modules.inventory import api, handlers
 from modules.inventory.commands import AddStock, ReserveStock
 from modules.inventory.queries import GetStockLevel
-from modules.payments.events import PaymentCaptured, PaymentDeclined
+from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
+
+release_reservation = Subscription("inventory.release_reservation", handlers.release_reservation)
 
 module = Module(
     name="inventory",
@@ -12,7 +14,8 @@ module = Module(
     queries={GetStockLevel: handlers.get_stock_level},
     subscriptions={
         PaymentCaptured: [Subscription("inventory.commit_reservation", handlers.commit_reservation)],
-        PaymentDeclined: [Subscription("inventory.release_reservation", handlers.release_reservation)],
+        PaymentDeclined: [release_reservation],
+        PaymentFailed: [release_reservation],
     },
     controllers=[api.InventoryController],
     background=[handlers.release_orphaned_reservations],

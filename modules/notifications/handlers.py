@@ -7,7 +7,7 @@ from app.messages import Event
 from app.uow import UnitOfWork
 from app.wiring import Envelope
 from modules.notifications.queries import ListNotifications, NotificationView
-from modules.payments.events import PaymentCaptured, PaymentDeclined
+from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
 NOTIFICATION_COLUMNS = {"order_id": "uuid", "kind": "text", "message": "text", "message_id": "uuid"}
 
@@ -18,6 +18,8 @@ async def notify_customer(event: Event, uow: UnitOfWork, envelope: Envelope) -> 
             kind, message = "payment_captured", "Your payment was received; your order is on its way."
         case PaymentDeclined(reason=reason):
             kind, message = "payment_declined", f"Your payment was declined ({reason}); the order is cancelled."
+        case PaymentFailed():  # the reason is the processor's error: for operators, not customers
+            kind, message = "payment_failed", "We could not take your payment; the order is cancelled."
         case _:
             return
     # staged: the relay writes a run's notifications in one statement, with the run's commit

@@ -3,13 +3,13 @@
 from app.wiring import Module, Subscription
 from modules.notifications import api, handlers
 from modules.notifications.queries import ListNotifications
-from modules.payments.events import PaymentCaptured, PaymentDeclined
+from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
 notify_customer = Subscription("notifications.notify_customer", handlers.notify_customer)
 
 module = Module(
     name="notifications",
     queries={ListNotifications: handlers.list_notifications},
-    subscriptions={PaymentCaptured: [notify_customer], PaymentDeclined: [notify_customer]},
+    subscriptions={PaymentCaptured: [notify_customer], PaymentDeclined: [notify_customer], PaymentFailed: [notify_customer]},
     controllers=[api.NotificationController],
 )

@@ -1,4 +1,4 @@
-"""Order: placed, then paid or declined."""
+"""Order: placed, then paid, declined, or failed (its payment could not be made at all)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from uuid import UUID
 
 from app.aggregate import Aggregate
 from app.messages import Event
-from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPlaced, PlacedLine
+from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPaymentFailed, OrderPlaced, PlacedLine
 
 
 class Order(Aggregate):
@@ -42,6 +42,10 @@ class Order(Aggregate):
         if self.status == "placed":
             self._record(OrderPaymentDeclined(order_id=self.id, reason=reason))
 
+    def mark_payment_failed(self, reason: str) -> None:
+        if self.status == "placed":
+            self._record(OrderPaymentFailed(order_id=self.id, reason=reason))
+
     def _apply(self, event: Event) -> None:
         match event:
             case OrderPlaced():
@@ -50,3 +54,5 @@ class Order(Aggregate):
                 self.status = "paid"
             case OrderPaymentDeclined():
                 self.status = "payment_declined"
+            case OrderPaymentFailed():
+                self.status = "payment_failed"

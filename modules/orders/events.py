@@ -34,3 +34,10 @@ class OrderPaymentDeclined(Event, tag="orders.OrderPaymentDeclined"):
 
     order_id: UUID
     reason: str
+
+
+class OrderPaymentFailed(Event, tag="orders.OrderPaymentFailed"):
+    """The payment could not be made at all (the charge kept failing); the order will not ship."""
+
+    order_id: UUID
+    reason: str

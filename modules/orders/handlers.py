@@ -14,7 +14,7 @@ from modules.inventory.commands import ReserveStock, StockLine
 from modules.orders import idempotency
 from modules.orders.aggregate import Order
 from modules.orders.commands import OrderAccepted, PlaceOrder
-from modules.payments.events import PaymentCaptured, PaymentDeclined
+from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
 
 async def place_order(cmd: PlaceOrder, uow: UnitOfWork, mediator: Mediator, db: Database) -> OrderAccepted:
@@ -57,4 +57,11 @@ async def mark_order_payment_declined(event: PaymentDeclined, uow: UnitOfWork) -
     async with uow:
         order = await uow.get(Order, event.order_id)
         order.mark_payment_declined(event.reason)
+        await uow.commit()
+
+
+async def mark_order_payment_failed(event: PaymentFailed, uow: UnitOfWork) -> None:
+    async with uow:
+        order = await uow.get(Order, event.order_id)
+        order.mark_payment_failed(event.reason)
         await uow.commit()

@@ -3,9 +3,9 @@
 from app.wiring import Module, Subscription
 from modules.orders import api, handlers, read_model
 from modules.orders.commands import PlaceOrder
-from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPlaced
+from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPaymentFailed, OrderPlaced
 from modules.orders.queries import GetOrder
-from modules.payments.events import PaymentCaptured, PaymentDeclined
+from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
 project_order_view = Subscription(read_model.VIEW, read_model.project_order_view)
 
@@ -17,8 +17,10 @@ module = Module(
         OrderPlaced: [project_order_view],
         OrderPaid: [project_order_view],
         OrderPaymentDeclined: [project_order_view],
+        OrderPaymentFailed: [project_order_view],
         PaymentCaptured: [Subscription("orders.mark_order_paid", handlers.mark_order_paid)],
         PaymentDeclined: [Subscription("orders.mark_order_payment_declined", handlers.mark_order_payment_declined)],
+        PaymentFailed: [Subscription("orders.mark_order_payment_failed", handlers.mark_order_payment_failed)],
     },
     controllers=[api.OrderController],
 )

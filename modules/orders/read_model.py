@@ -10,7 +10,7 @@ from app.consistency import wait_until_applied
 from app.db import Database
 from app.messages import Event, NotFound
 from app.uow import UnitOfWork
-from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPlaced
+from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPaymentFailed, OrderPlaced
 from modules.orders.queries import GetOrder, OrderLineView, OrderView
 
 VIEW = "orders.project_order_view"  # the subscription name, also the read-your-writes key
@@ -48,6 +48,8 @@ async def project_order_view(event: Event, uow: UnitOfWork) -> None:
             await _set_status(await uow.transaction(), event.order_id, "paid")
         case OrderPaymentDeclined():
             await _set_status(await uow.transaction(), event.order_id, "payment_declined")
+        case OrderPaymentFailed():
+            await _set_status(await uow.transaction(), event.order_id, "payment_failed")
 
 
 async def _set_status(conn, order_id, status: str) -> None:

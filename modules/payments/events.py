@@ -19,3 +19,12 @@ class PaymentDeclined(Event, tag="payments.PaymentDeclined"):
     order_id: UUID
     payment_method: str
     reason: str
+
+
+class PaymentFailed(Event, tag="payments.PaymentFailed"):
+    """The charge could not be made however often it was tried (it ended in the dead letters):
+    nothing was taken, and the order will not be paid."""
+
+    order_id: UUID
+    payment_method: str
+    reason: str

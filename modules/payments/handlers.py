@@ -1,4 +1,5 @@
-"""Payments reacts to OrderPlaced by charging the order's payment method once."""
+"""Payments reacts to OrderPlaced by charging the order's payment method once, and settles the
+payment as failed when that charge ends in the dead letters."""
 
 from __future__ import annotations
 
@@ -24,5 +25,15 @@ async def charge_order(
             payment.capture(event.payment_method, result.reference)
         else:
             payment.decline(event.payment_method, result.reason)
+        uow.add(payment)
+        await uow.commit()
+
+
+async def fail_payment(event: OrderPlaced, uow: UnitOfWork, error: str) -> None:
+    """charge_order's on_dead_letter: runs in the transaction that parks the charge, so the order
+    ends (PaymentFailed releases its stock and fails it) instead of waiting for an operator."""
+    async with uow:
+        payment = await uow.find(Payment, event.order_id) or Payment(event.order_id)
+        payment.fail(event.payment_method, error)
         uow.add(payment)
         await uow.commit()

@@ -8,7 +8,11 @@ from modules.payments.gateway import fake_provider
 module = Module(
     name="payments",
     subscriptions={
-        OrderPlaced: [Subscription("payments.charge_order", handlers.charge_order, max_attempts=5)],
+        OrderPlaced: [
+            Subscription(
+                "payments.charge_order", handlers.charge_order, max_attempts=5, on_dead_letter=handlers.fail_payment
+            )
+        ],
     },
     providers={"payment_gateway": lambda: fake_provider},
 )
