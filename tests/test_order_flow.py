@@ -196,7 +196,7 @@ async def test_a_flaky_card_is_paid_after_three_attempts_and_charged_once(client
     assert await dead_letters(db) == []
 
 
-async def test_a_broken_card_is_dead_lettered_and_the_order_stays_placed(client, app_relay, db):
+async def test_a_broken_card_is_dead_lettered_and_the_order_ends_payment_failed(client, app_relay, db):
     placed = await stocked_order(client, "pm_card_broken")
 
     await drain_until(app_relay, lambda: _has_dead_letters(db, 1))
@@ -206,26 +206,28 @@ async def test_a_broken_card_is_dead_lettered_and_the_order_stays_placed(client,
     assert letter["status"] == "parked"
     assert letter["attempts"] == 5  # the subscription's max_attempts
     assert letter["error_type"] == "CardProcessingError"
+    assert letter["compensation"] == "compensated"  # payments.fail_payment ran with the parking
     assert fake_provider.calls[UUID(placed["order_id"])] == 5
-    assert await order_status(client, placed["order_id"]) == "placed"
+    assert await order_status(client, placed["order_id"]) == "payment_failed"
 
 
-async def test_replaying_a_dead_letter_runs_it_again_and_keeps_its_history(client, app_relay, db):
+async def test_replaying_a_compensated_charge_charges_nothing_and_keeps_its_history(client, app_relay, db):
     placed = await stocked_order(client, "pm_card_broken")
     await drain_until(app_relay, lambda: _has_dead_letters(db, 1))
+    await app_relay.drain()
     [first] = await dead_letters(db)
 
     response = await client.post(f"/admin/dead-letters/{first['id']}/replay", headers=ADMIN)
     assert response.status_code == 200, response.text
-    await drain_until(app_relay, lambda: _has_dead_letters(db, 2))
+    await app_relay.drain()
 
-    old, new = await dead_letters(db)
-    assert fake_provider.calls[UUID(placed["order_id"])] == 10  # five more attempts after the replay
-    assert (old["status"], new["status"]) == ("replayed", "parked")
-    assert new["message_id"] == old["message_id"] and new["outbox_id"] == old["outbox_id"]
+    [old] = await dead_letters(db)  # the replayed charge found the payment failed: no new letter
+    assert fake_provider.calls[UUID(placed["order_id"])] == 5  # and no attempt after the replay
+    assert old["status"] == "replayed"
+    assert await db.fetchval("SELECT status FROM outbox WHERE id = $1", old["outbox_id"]) == "delivered"
     history = (await client.get(f"/admin/dead-letters/{old['id']}", headers=ADMIN)).json()["history"]
     assert [h["action"] for h in history] == ["parked", "replayed"]
-    assert await order_status(client, placed["order_id"]) == "placed"
+    assert await order_status(client, placed["order_id"]) == "payment_failed"
 
 
 # -- concurrency -----------------------------------------------------------------------------------
