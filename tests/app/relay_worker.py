@@ -11,6 +11,9 @@ printing one line to stdout:
            ("claimed"): its effect is written but never committed;
   settle   run the first batch's handlers, then hang before acknowledging and committing it
            ("applied"): nothing is committed, the rows are still in flight.
+  charge   a relay over the whole application (every module) whose payment provider prints
+           "charge N" for each attempt N and hangs inside the third: the charge's row stays
+           leased by this relay, two attempts spent.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from app.relay import Relay
 from app.settings import Settings
 from app.uow import UnitOfWork
 from app.wiring import Envelope, Module, Subscription
+from modules.payments.gateway import fake_provider
 
 SUBSCRIBER = "testing.record"
 
@@ -175,6 +179,16 @@ async def deliver_everything(relay: Relay, seconds: float = 10.0) -> None:
 # -- the worker process -------------------------------------------------------------------------
 
 
+class HangOnThirdCharge:
+    """The fake payment provider, telling stdout of every attempt and hanging in the third."""
+
+    async def charge(self, order_id, payment_method: str, idempotency_key: str, attempt: int = 1):
+        print(f"charge {attempt}", flush=True)
+        if attempt >= 3:
+            await asyncio.Event().wait()
+        return await fake_provider.charge(order_id, payment_method, idempotency_key, attempt=attempt)
+
+
 class HangBeforeAck(Relay):
     async def _acknowledge(self, conn, ids, subscriber, applied) -> int:
         print("applied", flush=True)  # handlers ran; their transaction has not committed
@@ -192,6 +206,11 @@ async def main(mode: str, instance_id: str) -> None:
         relay_batch_size=100,
     )
     db = await Database(settings.database_url, max_size=10).connect()
+    if mode == "charge":
+        settings = replace(settings, retry_base_seconds=0.001, retry_cap_seconds=0.01)
+        gateway = HangOnThirdCharge()
+        await Relay(bootstrap(settings, db, overrides={"payment_gateway": lambda: gateway})).run()
+        return
 
     async def hang_on_second(event: TestEvent, envelope: Envelope) -> None:
         if event.seq == 2:
