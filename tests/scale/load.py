@@ -16,8 +16,13 @@ from app.db import Database
 from tests.scale.conftest import Server, call, order_body, wait_for
 
 METHODS = ("pm_card_ok", "pm_card_declined", "pm_card_flaky", "pm_card_broken")
-FINAL = {"pm_card_ok": "paid", "pm_card_flaky": "paid", "pm_card_declined": "payment_declined"}
-BROKEN = "pm_card_broken"  # its charge ends in dead_letters; the order stays placed
+FINAL = {
+    "pm_card_ok": "paid",
+    "pm_card_flaky": "paid",
+    "pm_card_declined": "payment_declined",
+    "pm_card_broken": "payment_failed",
+}
+BROKEN = "pm_card_broken"  # its charge ends in dead_letters, compensated: PaymentFailed ends the order
 CHARGE = "payments.charge_order"
 
 
@@ -136,7 +141,7 @@ async def assert_exactly_once(db: Database, accepted: dict[str, str], *, orphans
     # -- final status of every order ------------------------------------------------------------------
     views = {str(r["order_id"]): r["status"] for r in await db.fetch("SELECT order_id, status FROM orders_view")}
     letters = {
-        str(r["message_id"]): r for r in await db.fetch("SELECT message_id, subscriber, status, error_message FROM dead_letters")
+        str(r["message_id"]): r for r in await db.fetch("SELECT message_id, subscriber, status, compensation, error_message FROM dead_letters")
     }
     wrong: Counter = Counter()
     examples: dict = {}
@@ -146,6 +151,7 @@ async def assert_exactly_once(db: Database, accepted: dict[str, str], *, orphans
         ok = views.get(order_id) == expected
         if method == BROKEN:
             ok = ok and letter is not None and letter["subscriber"] == CHARGE and letter["status"] == "parked"
+            ok = ok and letter["compensation"] == "compensated"
         elif letter is not None:
             ok = False
         if not ok:
@@ -169,10 +175,11 @@ async def assert_exactly_once(db: Database, accepted: dict[str, str], *, orphans
         "pm_card_ok": ("payments.PaymentCaptured", "orders.OrderPaid", "inventory.ReservationCommitted"),
         "pm_card_flaky": ("payments.PaymentCaptured", "orders.OrderPaid", "inventory.ReservationCommitted"),
         "pm_card_declined": ("payments.PaymentDeclined", "orders.OrderPaymentDeclined", "inventory.ReservationReleased"),
-        BROKEN: (),
+        BROKEN: ("payments.PaymentFailed", "orders.OrderPaymentFailed", "inventory.ReservationReleased"),
     }
     every = {"payments.PaymentCaptured", "payments.PaymentDeclined", "orders.OrderPaid", "orders.OrderPaymentDeclined",
-             "inventory.ReservationCommitted", "inventory.ReservationReleased"}  # fmt: skip
+             "inventory.ReservationCommitted", "inventory.ReservationReleased",
+             "payments.PaymentFailed", "orders.OrderPaymentFailed"}  # fmt: skip
     bad = []
     for order_id, method in methods.items():
         if per_order[(order_id, "inventory.StockReserved")] != 1:
@@ -213,7 +220,7 @@ async def assert_exactly_once(db: Database, accepted: dict[str, str], *, orphans
     sent = Counter(
         (r["order_id"], r["kind"]) for r in await db.fetch("SELECT order_id::text, kind FROM notifications_sent")
     )
-    kinds = {"paid": "payment_captured", "payment_declined": "payment_declined"}
+    kinds = {"paid": "payment_captured", "payment_declined": "payment_declined", "payment_failed": "payment_failed"}
     expected_sent = Counter({(o, kinds[FINAL[m]]): 1 for o, m in methods.items() if m in FINAL})
     if sent != expected_sent:
         problems.append(
