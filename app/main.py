@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.admin import AdminController
 from app.bootstrap import System, bootstrap, load_modules
+from app.dashboard.routes import dashboard_router
 from app.db import Database, EmbeddedPostgres
 from app.http import EXCEPTION_HANDLERS, request_id_middleware
 from app.metrics import METRICS
@@ -113,7 +114,9 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
 
     handlers = [live, ready, metrics, *controllers]
     if settings.admin_token:
-        handlers.append(AdminController)
+        handlers.extend([AdminController, dashboard_router()])
+    else:
+        log.warning("operator dashboard off: set SWITCHBOARD_ADMIN_TOKEN to serve it at /dashboard")
     if settings.internal_token:  # modules hosted here can be called by other instances
         handlers.append(internal_endpoint(settings.internal_token, lambda: runtime.system))
 
