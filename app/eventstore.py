@@ -140,21 +140,33 @@ def append_with(staged: list[Staged], *, one: bool = False) -> str:
     return sql
 
 
+def event_metadata() -> str:
+    """The metadata an event recorded now carries: the correlation and causation ids of the
+    message being handled."""
+    return _encode(
+        {"correlation_id": context.current_correlation_id(), "causation_id": context.causation_id.get()}
+    ).decode()
+
+
 async def append(
     conn: asyncpg.Connection,
     catalog: EventCatalog,
     aggregates: list[Aggregate],
     staged: list[Staged],
     positions: list[int],
+    stamps: Mapping[int, list[str]] | None = None,
 ) -> int:
     """Append the aggregates' pending events (and the merged `staged` rows) in one statement,
     with one outbox row per (event, subscriber), then their due snapshots. Adds the events'
     positions to `positions`; returns how many outbox rows were written. A stream written since
-    it was loaded raises ConcurrencyError."""
-    metadata = _encode(
-        {"correlation_id": context.current_correlation_id(), "causation_id": context.causation_id.get()}
-    ).decode()
-    ids, streams, versions, types, datas, sub_ids, sub_names = [], [], [], [], [], [], []
+    it was loaded raises ConcurrencyError.
+
+    Events carry the metadata of the message being handled now, unless `stamps` (by `id()` of
+    the aggregate) gives each of its pending events its own: a relay's fast run appends the
+    events of several deliveries at once, and each must keep the ids of the delivery that
+    recorded it."""
+    metadata = event_metadata()
+    ids, streams, versions, types, datas, metas, sub_ids, sub_names = [], [], [], [], [], [], [], []
     snapshots: tuple[list, list, list] = ([], [], [])
     for aggregate in aggregates:
         version = aggregate.stored_version
@@ -163,7 +175,9 @@ async def append(
             snapshots[0].append(aggregate.stream_id)
             snapshots[1].append(aggregate.version)
             snapshots[2].append(_encode(aggregate.snapshot()).decode())
-        for event in aggregate.collect_events():
+        marks = stamps.get(id(aggregate), ()) if stamps else ()
+        for i, event in enumerate(aggregate.collect_events()):
+            metas.append(marks[i] if i < len(marks) else metadata)
             version += 1
             event_id = uuid.uuid4()
             ids.append(event_id)
@@ -176,9 +190,9 @@ async def append(
                 sub_names.append(subscriber)
     one = len(ids) == 1  # the usual case: plain parameters (APPEND_ONE_CTES), not arrays
     events = (
-        (ids[0], streams[0], versions[0], types[0], datas[0], metadata, sub_names)
+        (ids[0], streams[0], versions[0], types[0], datas[0], metas[0], sub_names)
         if one
-        else (ids, streams, versions, types, datas, [metadata] * len(ids), sub_ids, sub_names)
+        else (ids, streams, versions, types, datas, metas, sub_ids, sub_names)
     )
     try:
         appended, outbox_rows = await conn.fetchrow(

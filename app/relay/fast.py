@@ -12,7 +12,7 @@ import asyncpg
 
 from app.aggregate import Aggregate
 from app.db import Database
-from app.eventstore import EventCatalog, append
+from app.eventstore import EventCatalog, append, event_metadata
 from app.messages import ConcurrencyError
 from app.relay.settle import Outcome
 from app.staging import Staged, columns_of, merged, staged_insert
@@ -34,13 +34,14 @@ class _Run:
     """What a run's deliveries share: the connection in its transaction, one identity map, the
     rows they staged, and whether any recorded events."""
 
-    __slots__ = ("db", "catalog", "conn", "tx", "seen", "staged", "decided")
+    __slots__ = ("db", "catalog", "conn", "tx", "seen", "staged", "decided", "stamps")
 
     def __init__(self, db: Database, catalog: EventCatalog, conn: asyncpg.Connection, tx) -> None:
         self.db, self.catalog, self.conn, self.tx = db, catalog, conn, tx
         self.seen: dict[tuple[type, object], Aggregate] = {}
         self.staged: list[Staged] = []
         self.decided = False
+        self.stamps: dict[int, list[str]] = {}  # id(aggregate) -> each pending event's metadata
 
 
 class RunUnit(UnitOfWork):
@@ -55,10 +56,20 @@ class RunUnit(UnitOfWork):
         self._run = run
 
     async def commit(self) -> None:
+        """Hand the staged rows to the run, and stamp the events this delivery recorded with its
+        own correlation and causation ids (the run appends them later, in another's context)."""
         run = self._run
         run.staged.extend(self._staged)
         self._staged = []
-        run.decided = run.decided or any(a.pending_events for a in self._seen.values())
+        metadata = None
+        for aggregate in self._seen.values():
+            pending = len(aggregate.pending_events)
+            marks = run.stamps.get(id(aggregate))
+            if pending and (marks is None or len(marks) < pending):
+                metadata = metadata or event_metadata()
+                marks = run.stamps.setdefault(id(aggregate), [])
+                marks.extend([metadata] * (pending - len(marks)))
+                run.decided = True
 
 
 async def run(
@@ -114,6 +125,6 @@ async def _write(shared: _Run, outcomes: list[Outcome], began: float) -> int:
             await shared.conn.execute(staged_insert(entry, 1), *columns_of([entry]))
         return 0
     try:
-        return await append(shared.conn, shared.catalog, pending, merged(shared.staged), [])
+        return await append(shared.conn, shared.catalog, pending, merged(shared.staged), [], shared.stamps)
     except ConcurrencyError as error:  # a stream changed since a handler loaded it
         raise HandlerFailed(len(outcomes) - 1, error, time.perf_counter() - began) from error
