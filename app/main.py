@@ -6,10 +6,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
-from litestar import Litestar, MediaType, Response, get
+from litestar import Litestar, MediaType, Response, Router, get
 from litestar.di import Provide
+from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, YamlRenderPlugin
+from litestar.static_files import create_static_files_router
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.admin import AdminController
@@ -24,6 +28,8 @@ from app.remote import internal_endpoint
 from app.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+DOCS_ASSETS = Path(__file__).parent / "docs_assets"  # vendored Swagger UI, see its README.md
 
 
 class Runtime:
@@ -82,6 +88,41 @@ class Runtime:
         return self.system.db
 
 
+def openapi_config() -> OpenAPIConfig:
+    """The API docs at /schema, working with no network: Swagger UI from the assets this package
+    ships, the schema as JSON and YAML. Litestar's other UIs load their scripts from CDNs (blank
+    pages offline), so they are not served."""
+    assets = "/schema/assets/swagger-ui"
+    swagger = SwaggerRenderPlugin(
+        js_url=f"{assets}/swagger-ui-bundle.js",
+        css_url=f"{assets}/swagger-ui.css",
+        standalone_preset_js_url=f"{assets}/swagger-ui-standalone-preset.js",
+        favicon=f"<link rel='icon' type='image/png' href='{assets}/favicon-32x32.png'>",
+        path=["/", "/swagger"],
+    )
+    router = Router(
+        "/schema",
+        route_handlers=[create_static_files_router("/assets", [DOCS_ASSETS], include_in_schema=False)],
+        include_in_schema=False,
+        after_request=_unserved_page_is_a_problem,
+    )
+    return OpenAPIConfig(
+        title="Switchboard",
+        version="0.1.0",
+        path="/schema",
+        render_plugins=[swagger, JsonRenderPlugin(), YamlRenderPlugin()],
+        openapi_router=router,
+    )
+
+
+def _unserved_page_is_a_problem(response: Response) -> Response:
+    # litestar answers a /schema page no plugin serves (/schema/redoc) with an HTML 404 of its
+    # own; raised instead, it becomes the problem+json every other 404 is
+    if response.status_code == 404:
+        raise NotFoundException()
+    return response
+
+
 def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> Litestar:
     settings = settings or get_settings()
     runtime = Runtime(settings, run_relay=run_relay)
@@ -129,7 +170,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
         },
         exception_handlers=EXCEPTION_HANDLERS,
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="Switchboard", version="0.1.0", path="/schema"),
+        openapi_config=openapi_config(),
     )
     # Around the router, not per route: 404/405 answers, which match no route, carry the id too.
     app.asgi_handler = request_id_middleware(app.asgi_handler)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from app.cli.describe import add_describe_parser
 from app.cli.inspect import _resolve, cmd_dlq_list, cmd_dlq_show, cmd_outbox_status, cmd_services
 from app.cli.process import cmd_migrate, cmd_relay, cmd_serve, cmd_sql, find_psql
 from app.settings import SettingsError
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--all", action="store_true")
         cmd.add_argument("--subscriber", help="with --all: only this subscriber's")
         cmd.set_defaults(fn=lambda a, action=action: _resolve(a, action))
+    add_describe_parser(sub)
     return p
 
 
