@@ -14,14 +14,16 @@ from litestar.exceptions import NotFoundException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.static_files import create_static_files_router
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from app.admin import AdminController
 from app.bootstrap import System, bootstrap, load_modules
 from app.dashboard.routes import dashboard_router
 from app.db import Database, EmbeddedPostgres
 from app.http import EXCEPTION_HANDLERS, request_id_middleware
-from app.metrics import METRICS
+from app.http_metrics import http_metrics_middleware
+from app.metrics_export import Exporter
+from app.metrics_export import register as register_metrics
 from app.migrate import head_revision
 from app.relay import Relay
 from app.remote import internal_endpoint
@@ -147,11 +149,12 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
             return Response({"status": f"migrations at {revision}, code expects {head_revision()}"}, status_code=503)
         return Response({"status": "ready", "instance": settings.instance_id}, status_code=200)
 
-    METRICS.register()  # what /metrics exports; registered once however many apps one process builds
+    register_metrics()  # what /metrics exports; registered once however many apps one process builds
+    exporter = Exporter(runtime)
 
     @get("/metrics", include_in_schema=False)
     async def metrics() -> Response[bytes]:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await exporter.scrape(), media_type=CONTENT_TYPE_LATEST)
 
     handlers = [live, ready, metrics, *controllers]
     if settings.admin_token:
@@ -163,7 +166,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
 
     app = Litestar(
         route_handlers=handlers,
-        lifespan=[runtime.lifespan],
+        lifespan=[runtime.lifespan, exporter.lifespan],
         dependencies={
             "mediator": Provide(runtime.mediator, sync_to_thread=False),
             "db": Provide(runtime.db, sync_to_thread=False),
@@ -173,7 +176,8 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
         openapi_config=openapi_config(),
     )
     # Around the router, not per route: 404/405 answers, which match no route, carry the id too.
-    app.asgi_handler = request_id_middleware(app.asgi_handler)
+    app.asgi_handler = http_metrics_middleware(request_id_middleware(app.asgi_handler))
     app.state.runtime = runtime
+    app.state.metrics = exporter
     app.state.admin_token = settings.admin_token
     return app

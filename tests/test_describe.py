@@ -7,7 +7,6 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -79,11 +78,11 @@ def test_the_text_names_every_command_and_query_with_its_handler_and_deadline(te
 
 def test_the_text_names_every_subscription_with_its_events_and_retry_policy(text):
     assert re.search(
-        r"^  payments\.charge_order +orders\.OrderPlaced +here +5 +0\.5s +60s +- +modules\.payments\.handlers\.charge_order$",
+        r"^  payments\.charge_order +orders\.OrderPlaced +here +5 +0\.5s +60s +modules\.payments\.handlers\.fail_payment +modules\.payments\.handlers\.charge_order$",
         text, re.MULTILINE,
     ), text  # fmt: skip
     assert re.search(
-        r"^  notifications\.notify_customer +payments\.PaymentCaptured, payments\.PaymentDeclined +here +8 +0\.5s +60s ",
+        r"^  notifications\.notify_customer +payments\.PaymentCaptured, payments\.PaymentDeclined, payments\.PaymentFailed +here +8 +0\.5s +60s +- ",
         text, re.MULTILINE,
     ), text  # fmt: skip
     for module in load_modules():
@@ -115,7 +114,7 @@ def test_json_lists_the_same_wiring(wiring):
         "max_attempts": 5,
         "retry_base_seconds": 0.5,
         "retry_cap_seconds": 60.0,
-        "compensation": None,
+        "compensation": "modules.payments.handlers.fail_payment",
     }
     assert {m["name"] for m in wiring["modules"]} == {m.name for m in load_modules()}
     assert all(m["hosted"] for m in wiring["modules"])
@@ -143,7 +142,7 @@ def test_modules_flag_marks_remote_modules_in_the_text(data_dir):
     result = switchboard("describe", "--modules", "orders", data_dir=data_dir)
 
     assert result.returncode == 0, result.stderr
-    assert re.search(r"^  inventory +remote +2 +1 +2 +1$", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^  inventory +remote +2 +1 +3 +1$", result.stdout, re.MULTILINE), result.stdout
     assert re.search(r"^  orders +here ", result.stdout, re.MULTILINE)
 
 
@@ -174,18 +173,13 @@ def test_a_message_with_its_own_timeout_shows_it_as_its_deadline(monkeypatch):
     assert place["deadline_seconds"] == 12.0
 
 
-@dataclass(frozen=True)
-class CompensatedSubscription(Subscription):
-    on_dead_letter: Any = None  # what Subscription itself grows on the compensation branch
-
-
 async def refund(event, uow) -> None: ...
 
 
 def test_a_subscription_with_a_compensation_shows_its_handler(monkeypatch):
     from modules.payments.module import module as payments
 
-    sub = CompensatedSubscription("payments.charge_order", payments_handlers.charge_order, max_attempts=5,
+    sub = Subscription("payments.charge_order", payments_handlers.charge_order, max_attempts=5,
                                   on_dead_letter=refund)  # fmt: skip
     monkeypatch.setitem(payments.subscriptions, OrderPlaced, [sub])
 

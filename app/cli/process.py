@@ -39,6 +39,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
         print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
         return 1
+    _metrics_dir(args.port)
     with database_url() as (url, _):
         os.environ["DATABASE_URL"] = url  # workers reach the same server
         if args.modules:
@@ -54,6 +55,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"switchboard: serving on http://{args.host}:{args.port} (database {_safe(url)})", flush=True)
         serve_http(args.host, args.port, workers=args.workers, backlog=args.backlog, backpressure=args.backpressure)
     return 0
+
+
+def _metrics_dir(port: int) -> None:
+    """Where the workers' metrics meet (prometheus_client's multiprocess mode), so any worker's
+    /metrics shows the whole instance. Set before anything imports prometheus_client (it reads the
+    variable once, on import) and before granian forks the workers; emptied at every start, so a
+    previous run's counts never add to this one's. One per port: instances may share a data dir."""
+    directory = get_settings().data_dir.absolute() / "metrics" / str(port)
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
