@@ -148,7 +148,8 @@ class RemoteTransport:
                     if isinstance(error, Unavailable) and not isinstance(error, DatabaseUnavailable):
                         # the remote module's, not the caller's
                         error.module = module
-                    if not (isinstance(error, Unavailable) and idempotent):
+                    # the shared database is down for every instance: trying the next one cannot help
+                    if isinstance(error, DatabaseUnavailable) or not (isinstance(error, Unavailable) and idempotent):
                         raise error
                     failure = f"{instance_id} answered {response.status}: {error.detail}"
             except aiohttp.ClientConnectorError as error:

@@ -6,20 +6,30 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
+import pytest
+from aiohttp import web
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from app.http import EXCEPTION_HANDLERS
 from app.mediator import Mediator
-from app.messages import Command, Unavailable
-from app.remote import DEADLINE_AT_HEADER, DEADLINE_HEADER, MessageCatalog, caller_budget, internal_endpoint
+from app.messages import Command, DatabaseUnavailable, Unavailable
+from app.remote import (
+    DEADLINE_AT_HEADER,
+    DEADLINE_HEADER,
+    MessageCatalog,
+    RemoteTransport,
+    caller_budget,
+    internal_endpoint,
+)
 
 TOKEN = "internal-test-token"
 
 
 class Reserve(Command):
-    """A test command."""
+    """A test command, marked safe to send twice (the transport may try another instance)."""
 
+    idempotent = True
     sku: str
 
 
@@ -81,3 +91,57 @@ async def test_a_call_within_its_callers_deadline_runs():
 
     assert response.status_code == 200 and response.json() == "reserved"
     assert runs == [Reserve(sku="book")]
+
+
+# --- the calling side -----------------------------------------------------------------------
+
+
+class FakeRegistry:
+    def __init__(self, endpoints: list[tuple[str, str]]) -> None:
+        self._endpoints = endpoints
+
+    async def endpoints(self, module: str) -> list[tuple[str, str]]:
+        return self._endpoints
+
+    def rotation(self, endpoints: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return list(endpoints)
+
+    def forget(self, module: str) -> None: ...
+
+
+async def test_the_caller_sends_its_deadline_as_an_absolute_time_and_a_database_outage_comes_back_as_itself():
+    """Two instances: the first answers DatabaseUnavailable. The caller raises it at once (the
+    database is shared: the second instance cannot do better) and no breaker counts it."""
+    seen: list[dict[str, str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        body = {"status": 503, "title": "Service unavailable", "code": "DatabaseUnavailable",
+                "detail": "the database cannot be reached (ConnectionRefusedError)"}  # fmt: skip
+        return web.json_response(body, status=503, content_type="application/problem+json")
+
+    web_app = web.Application()
+    web_app.router.add_post("/internal/messages/{name}", answer)
+    runner = web.AppRunner(web_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    catalog = MessageCatalog({Reserve: "inventory.Reserve"}, {Reserve: str}, {"Unavailable": Unavailable})
+    endpoint = ("b", f"http://127.0.0.1:{port}")
+    transport = RemoteTransport(FakeRegistry([endpoint, endpoint]), catalog, TOKEN)
+    await transport.start()
+    mediator = Mediator({Reserve: ("inventory", transport.caller("inventory", Reserve))}, breaker_fail_max=1)
+    try:
+        sent = time.time()
+        for _ in range(3):
+            with pytest.raises(DatabaseUnavailable):
+                await mediator.send(Reserve(sku="book"))
+    finally:
+        await transport.close()
+        await runner.cleanup()
+
+    assert len(seen) == 3  # one instance asked per call
+    deadline_at = float(seen[0][DEADLINE_AT_HEADER])
+    assert sent + 4 < deadline_at <= time.time() + 5  # the mediator's default deadline, as wall-clock time
+    assert mediator.open_breakers() == {}
