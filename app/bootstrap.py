@@ -128,6 +128,10 @@ def bootstrap(
             else:  # same send()/ask(), same behaviours: the handler just runs in another process
                 handlers[message_type] = (module.name, transport.caller(module.name, message_type))
     _check_handled(modules, handlers)
+    for module in modules:
+        for message_type in module.fallbacks:
+            if message_type not in module.queries:  # commands never fall back: their effect cannot be made up
+                raise ValueError(f"module {module.name!r} declares a fallback for {message_type.__name__}: not one of its queries")
     system.mediator = Mediator(
         handlers,
         default_timeout=settings.default_timeout,
@@ -136,6 +140,8 @@ def bootstrap(
         bulkhead_limit=settings.bulkhead_limit,
         conflict_retries=settings.conflict_retries,
         local_modules=hosted,
+        # every module's, hosted here or not: the caller's side keeps the answers and falls back
+        fallbacks={t: f for m in modules for t, f in m.fallbacks.items()},
     )
     for module in modules:
         for event_type, subs in module.subscriptions.items():

@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from app.deadlines import DEADLINE_MARGIN, remaining_seconds
+
 log = logging.getLogger(__name__)
 
 DEFAULT_DATABASE = "switchboard"
@@ -130,6 +132,66 @@ async def _keep_session(connection: asyncpg.Connection) -> None:
     trip on every release."""
 
 
+class PoolExhausted(ConnectionError):
+    """No pooled connection came free before the waiting call's deadline."""
+
+
+# What an unreachable or lost database raises: a socket error (refused, reset, timed out), a lost
+# connection, the server refusing sessions (starting up, shutting down, too many clients), a pool
+# that is closing or has no connection free in time. The mediator reports these as
+# DatabaseUnavailable: they say nothing about the module whose handler met them.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
+
+
+class _Pool(asyncpg.Pool):
+    """asyncpg's pool, except that inside a mediator call a wait for a free connection ends just
+    before the call's deadline with PoolExhausted, so a full pool is reported as the database's
+    unavailability rather than as the timeout of whichever module happened to be waiting.
+    Outside mediator calls (relay, registry) the wait is unbounded, as asyncpg's is."""
+
+    def acquire(self, *, timeout: float | None = None):
+        if timeout is None and self.get_idle_size() == 0 and self.get_size() >= self.get_max_size():
+            left = remaining_seconds()
+            if left is not None:
+                return _BoundedAcquire(super().acquire(timeout=max(left - DEADLINE_MARGIN, 0.001)))
+        return super().acquire(timeout=timeout)
+
+
+class _BoundedAcquire:
+    """An acquire with a timeout (awaited or used with `async with`) whose timeout is PoolExhausted."""
+
+    __slots__ = ("_inner",)
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def __await__(self):
+        return self._get().__await__()
+
+    async def _get(self) -> asyncpg.Connection:
+        try:
+            return await self._inner
+        except TimeoutError:
+            raise PoolExhausted("no database connection came free before the deadline") from None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        try:
+            return await self._inner.__aenter__()
+        except TimeoutError:
+            raise PoolExhausted("no database connection came free before the deadline") from None
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._inner.__aexit__(*exc)
+
+
 class Database:
     """An asyncpg pool, and the wake-up of relays after outbox rows commit: callbacks in this
     process at once, and one coalesced `NOTIFY` on `OUTBOX_CHANNEL` for relays in others."""
@@ -173,10 +235,16 @@ class Database:
                 log.warning("could not NOTIFY relays (they poll anyway): %s", error)
 
     async def connect(self) -> Database:
-        self.pool = await asyncpg.create_pool(
+        # what asyncpg.create_pool does, with its defaults, for the pool class above
+        self.pool = await _Pool(
             self.url,
             min_size=self.min_size,
             max_size=self.max_size,
+            max_queries=50000,
+            max_inactive_connection_lifetime=300.0,
+            loop=None,
+            connection_class=asyncpg.Connection,
+            record_class=asyncpg.Record,
             command_timeout=30,
             reset=_keep_session,
             server_settings={"application_name": "switchboard"},

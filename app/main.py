@@ -147,7 +147,23 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
             return Response({"status": "database unreachable", "error": type(error).__name__}, status_code=503)
         if revision != head_revision():
             return Response({"status": f"migrations at {revision}, code expects {head_revision()}"}, status_code=503)
-        return Response({"status": "ready", "instance": settings.instance_id}, status_code=200)
+        # A breaker of a module hosted here refuses that module's calls: so does readiness, until
+        # the breaker lets a trial call through. (Breakers of modules hosted elsewhere are that
+        # module's outage, shared by every replica here: listed, but not a reason to take this one
+        # out of the load balancer, which would also stop what does not need that module.)
+        system = runtime.system
+        open_breakers = system.mediator.open_breakers()
+        local = {m: s for m, s in open_breakers.items() if m in system.hosted}
+        if local:
+            return Response(
+                {"status": "circuit open", "modules": sorted(local)},
+                status_code=503,
+                headers={"Retry-After": str(max(local.values()))},
+            )
+        body = {"status": "ready", "instance": settings.instance_id}
+        if open_breakers:
+            body["unavailable_elsewhere"] = ", ".join(sorted(open_breakers))
+        return Response(body, status_code=200)
 
     register_metrics()  # what /metrics exports; registered once however many apps one process builds
     exporter = Exporter(runtime)

@@ -9,9 +9,11 @@ plain numbers read at scrape time."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any, NoReturn
@@ -19,17 +21,22 @@ from typing import Any, NoReturn
 import aiobreaker
 
 from app.conflicts import BACKOFF_STEP, retry_on_conflict
-from app.deadlines import DEADLINE, DEADLINE_MARGIN, Deadlines
+from app.db import CONNECTION_ERRORS
+from app.deadlines import DEADLINE, DEADLINE_MARGIN, Deadlines, deadline_in
 from app.messages import (
     Command,
     CommandRejected,
     ConcurrencyError,
+    DatabaseUnavailable,
     NotFound,
     Query,
     SwitchboardError,
     Unavailable,
 )
 from app.metrics import METRICS
+from app.wiring import StaleFallback
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -46,9 +53,9 @@ class Bulkhead:
 class Route:
     """Everything a call of one message type needs, looked up once at start-up."""
 
-    __slots__ = ("module", "handler", "timeout", "breaker", "watch", "bulkhead", "stats")
+    __slots__ = ("module", "handler", "timeout", "breaker", "watch", "bulkhead", "stats", "fallback", "answers")
 
-    def __init__(self, module: str, handler, timeout, breaker, watch, bulkhead, message: str) -> None:
+    def __init__(self, module: str, handler, timeout, breaker, watch, bulkhead, message: str, fallback=None) -> None:
         self.module = module
         self.handler = handler
         self.timeout = timeout
@@ -56,6 +63,8 @@ class Route:
         self.watch = watch
         self.bulkhead = bulkhead
         self.stats = METRICS.of(module, message)
+        self.fallback: StaleFallback | None = fallback
+        self.answers: OrderedDict[Any, Any] = OrderedDict()  # the last good ones, if it has a fallback
 
 
 class _BreakerWatch(aiobreaker.CircuitBreakerListener):
@@ -79,17 +88,21 @@ class _BreakerWatch(aiobreaker.CircuitBreakerListener):
         if new.state is aiobreaker.CircuitBreakerState.OPEN:
             self.at = time.monotonic()
 
+    def remaining(self, breaker: aiobreaker.CircuitBreaker) -> float:
+        return breaker.timeout_duration.total_seconds() - (time.monotonic() - self.at)
+
     def retry_after(self, breaker: aiobreaker.CircuitBreaker) -> int:
-        remaining = breaker.timeout_duration.total_seconds() - (time.monotonic() - self.at)
-        return max(1, math.ceil(remaining))
+        return max(1, math.ceil(self.remaining(breaker)))
 
 
 def _business_error(module: str) -> Callable[[BaseException], bool]:
     """Errors that say nothing about the target module's health do not count against its breaker:
-    business rejections, and a dependency's unavailability reported by another module."""
+    business rejections, the database's unavailability (every module shares it, and it is back
+    when it is back, not a reset time later), and a dependency's unavailability reported by
+    another module."""
 
     def excluded(error: BaseException) -> bool:
-        if isinstance(error, (CommandRejected, NotFound, ConcurrencyError)):
+        if isinstance(error, (CommandRejected, NotFound, ConcurrencyError, DatabaseUnavailable)):
             return True
         return isinstance(error, Unavailable) and error.module is not None and error.module != module
 
@@ -107,6 +120,7 @@ class Mediator:
         bulkhead_limit: int = 200,
         conflict_retries: int = 30,
         local_modules: frozenset[str] | None = None,
+        fallbacks: Mapping[type, StaleFallback] | None = None,
     ) -> None:
         self.local_modules = local_modules  # None: every module runs in this process
         self.breakers: dict[str, aiobreaker.CircuitBreaker] = {}
@@ -115,7 +129,12 @@ class Mediator:
         self.in_flight = 0  # commands and queries running now, every module: the relay yields to them
         self._routes: dict[type, Route] = {}
         self._deadlines: Deadlines | None = None  # the calls in flight on the running loop
+        fallbacks = dict(fallbacks or {})
+        for message_type in fallbacks:
+            if not issubclass(message_type, Query):  # a command's effect cannot be made up
+                raise TypeError(f"{message_type.__name__} is not a Query: only queries may declare a fallback")
         watches: dict[str, _BreakerWatch] = {}
+        self._watches = watches
         for message_type, (module, handler) in handlers.items():
             if module not in self.breakers:
                 breaker = self.breakers[module] = aiobreaker.CircuitBreaker(
@@ -129,13 +148,8 @@ class Mediator:
                 self.bulkheads[module] = Bulkhead(bulkhead_limit)
             timeout = getattr(message_type, "timeout", None) or default_timeout
             self._routes[message_type] = Route(
-                module,
-                handler,
-                timeout,
-                self.breakers[module],
-                watches[module],
-                self.bulkheads[module],
-                message_type.__name__,
+                module, handler, timeout, self.breakers[module], watches[module], self.bulkheads[module],
+                message_type.__name__, fallbacks.get(message_type),
             )
 
     async def send(self, command: Command) -> Any:
@@ -143,16 +157,46 @@ class Mediator:
         return await self._dispatch(command)
 
     async def ask(self, query: Query) -> Any:
-        """Run a query in the module that owns it."""
-        return await self._dispatch(query)
+        """Run a query in the module that owns it. A query with a fallback is answered, while its
+        module is unavailable, from the last answer this process got to an equal query."""
+        route = self._routes.get(type(query))
+        if route is None or route.fallback is None:
+            return await self._dispatch(query)
+        answers = route.answers
+        try:
+            result = await self._dispatch(query)
+        except Unavailable:
+            if query not in answers:  # never answered here: nothing to fall back on
+                raise
+            return route.fallback.mark(answers[query])
+        answers[query] = result
+        answers.move_to_end(query)
+        if len(answers) > route.fallback.keep:
+            answers.popitem(last=False)
+        return result
 
-    async def dispatch_local(self, message: Command | Query) -> Any:
+    async def dispatch_local(self, message: Command | Query, budget: float | None = None) -> Any:
         """For the remote transport's receiving end: run only if the owning module is hosted
-        here, so a misrouted call cannot bounce from process to process."""
+        here, so a misrouted call cannot bounce from process to process, and only if the caller
+        still waits (`budget`: its seconds left; none left: refused without running)."""
         route = self._routes.get(type(message))
         if route is not None and self.local_modules is not None and route.module not in self.local_modules:
             raise Unavailable(f"module {route.module!r} is not hosted by this instance")
-        return await self._dispatch(message)
+        if budget is None:
+            return await self._dispatch(message)
+        if budget <= 0:
+            if route is not None:
+                route.stats.record("unavailable", 0.0)
+            raise Unavailable(f"{type(message).__name__} arrived {-budget:.3f}s after its caller's deadline; not run")
+        with deadline_in(budget):
+            return await self._dispatch(message)
+
+    def open_breakers(self) -> dict[str, int]:
+        """Modules whose breaker refuses calls now, and the seconds until it lets a trial call
+        through. One past its reset time is not listed: its next call is the trial."""
+        breakers = self.breakers
+        return {m: w.retry_after(breakers[m]) for m, w in self._watches.items()
+                if not w.closed and w.remaining(breakers[m]) > 0}
 
     async def _dispatch(self, message: Any) -> Any:
         route = self._routes.get(type(message))
@@ -227,6 +271,9 @@ class Mediator:
                     raise
                 await asyncio.sleep(random.uniform(0, BACKOFF_STEP))
                 result = await retry_on_conflict(route.handler, message, retries=self.conflict_retries - 1)
+        except CONNECTION_ERRORS as error:
+            log.warning("%s: the database cannot be reached: %r", type(message).__name__, error)
+            raise DatabaseUnavailable(f"the database cannot be reached ({type(error).__name__})") from error
         except asyncio.CancelledError:
             # The sweeper's cancellation becomes the timeout error, unless the task was also
             # cancelled from outside (a disconnected client, shutdown): that one propagates.

@@ -66,6 +66,12 @@ class Unavailable(SwitchboardError):
         self.module = module
 
 
+class DatabaseUnavailable(Unavailable):
+    """The database cannot be reached (down, restarting, connection lost, pool exhausted): no
+    module's fault, so no module's circuit breaker counts it, and calls succeed again as soon as
+    the database is back."""
+
+
 class ConcurrencyError(SwitchboardError):
     """Another writer appended to the stream first; the mediator re-runs the command."""
 

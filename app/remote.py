@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,14 +21,22 @@ from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 
 from app import context
-from app.deadlines import deadline_in, remaining_seconds
-from app.messages import CommandRejected, SwitchboardError, Unavailable
+from app.deadlines import remaining_seconds
+from app.messages import CommandRejected, DatabaseUnavailable, SwitchboardError, Unavailable
 from app.registry import Registry
 
 log = logging.getLogger(__name__)
 
 INTERNAL_PATH = "/internal/messages"
-DEADLINE_HEADER = "X-Switchboard-Deadline"
+DEADLINE_HEADER = "X-Switchboard-Deadline"  # seconds the caller had left when it sent the call
+# When the caller stops waiting, as wall-clock epoch seconds: the only clock two processes (two
+# hosts) share. A relative budget restarts when the receiver reads the request, so a call that
+# sat in a paused or overloaded receiver's socket would run after its caller gave up; an absolute
+# time does not. Clock skew shifts it: a receiver whose clock runs ahead refuses (or cuts short)
+# calls that still had time left by that much; one that runs behind is held to the relative
+# budget, which the receiver takes instead whenever it is shorter. Keep the hosts on NTP.
+DEADLINE_AT_HEADER = "X-Switchboard-Deadline-At"
+MAX_BUDGET = 300.0  # seconds: a caller cannot make a call run longer than this
 
 _encode = msgspec.json.Encoder().encode
 _problem = msgspec.json.Decoder(dict[str, Any])
@@ -64,7 +73,10 @@ class MessageCatalog:
         except msgspec.DecodeError:
             problem = {}
         detail = str(problem.get("detail") or problem.get("title") or f"remote answered {status}")
-        error_type = self.errors.get(str(problem.get("code")))
+        code = str(problem.get("code"))
+        if status == 503 and code == DatabaseUnavailable.__name__:  # the shared database: no module's fault
+            return DatabaseUnavailable(detail)
+        error_type = self.errors.get(code)
         if error_type is None or status >= 500:
             # No module error named: the framework answered (401 wrong internal token, 404 unknown
             # message type, 400 undecodable message: a misconfiguration or a version skew) or the
@@ -124,6 +136,7 @@ class RemoteTransport:
         remaining = remaining_seconds()
         if remaining is not None:  # the callee stops when we stop waiting
             headers[DEADLINE_HEADER] = f"{max(remaining, 0.0):.3f}"
+            headers[DEADLINE_AT_HEADER] = f"{time.time() + remaining:.3f}"
         failure = ""
         for instance_id, base_url in endpoints:
             try:
@@ -132,9 +145,11 @@ class RemoteTransport:
                     if response.status == 200:
                         return self.catalog.decode_result(type(message), payload)
                     error = self.catalog.error_from(response.status, payload)
-                    if isinstance(error, Unavailable):  # the remote module's, not the caller's
+                    if isinstance(error, Unavailable) and not isinstance(error, DatabaseUnavailable):
+                        # the remote module's, not the caller's
                         error.module = module
-                    if not (isinstance(error, Unavailable) and idempotent):
+                    # the shared database is down for every instance: trying the next one cannot help
+                    if isinstance(error, DatabaseUnavailable) or not (isinstance(error, Unavailable) and idempotent):
                         raise error
                     failure = f"{instance_id} answered {response.status}: {error.detail}"
             except aiohttp.ClientConnectorError as error:
@@ -148,6 +163,20 @@ class RemoteTransport:
                     break
             log.warning("remote call %s to %s failed: %s", name, instance_id, failure)
         raise Unavailable(f"module {module!r} is unavailable: {failure}", module=module)
+
+
+def caller_budget(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds the caller still waits (<= 0: it has given up), from whichever of its deadline
+    headers ends first; None if it sent neither (no deadline: the local default applies)."""
+    left = []
+    for name, start in ((DEADLINE_HEADER, 0.0), (DEADLINE_AT_HEADER, time.time() if now is None else now)):
+        try:
+            value = float(headers.get(name, "nan")) - start
+        except ValueError:
+            continue
+        if value == value:  # not NaN
+            left.append(value)
+    return min(min(left), MAX_BUDGET) if left else None
 
 
 def internal_endpoint(token: str, get_system):
@@ -166,15 +195,7 @@ def internal_endpoint(token: str, get_system):
         except msgspec.DecodeError as error:
             return Response({"status": 400, "title": "Invalid message", "detail": str(error)}, status_code=400,
                             media_type="application/problem+json")
-        try:
-            budget = float(request.headers.get(DEADLINE_HEADER, "nan"))
-        except ValueError:
-            budget = float("nan")
-        if budget == budget and budget >= 0:  # not NaN: run within the caller's remaining time
-            with deadline_in(min(budget, 300.0)):
-                result = await system.mediator.dispatch_local(message)
-        else:
-            result = await system.mediator.dispatch_local(message)
+        result = await system.mediator.dispatch_local(message, budget=caller_budget(request.headers))
         return Response(_encode(result), media_type="application/json")
 
     return receive

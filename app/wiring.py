@@ -47,6 +47,18 @@ class Subscription:
         return self.name.split(".", 1)[0]
 
 
+@dataclass(frozen=True)
+class StaleFallback:
+    """How a query is answered while its module is unavailable (breaker open, bulkhead full,
+    deadline passed, remote instance down, database down): with the last answer the *calling*
+    process got to an equal query, passed through `mark`, which says it is stale (e.g.
+    `lambda view: msgspec.structs.replace(view, stale=True)`). Never asked before: Unavailable
+    still. The caller keeps at most `keep` answers (least recently answered go first)."""
+
+    mark: Callable[[Any], Any]
+    keep: int = 1024
+
+
 @dataclass
 class Module:
     """What a module owns: its message handlers, its subscriptions, its HTTP controllers."""
@@ -59,6 +71,7 @@ class Module:
     background: Sequence[Handler] = ()  # long-running tasks, dependencies injected like handlers
     providers: Mapping[str, Callable[[], Any]] = field(default_factory=dict)  # its own ports
     package: str | None = None  # where its commands/queries/events files live; None: modules.<name>
+    fallbacks: Mapping[type[Query], StaleFallback] = field(default_factory=dict)  # queries only
 
     @property
     def contract_package(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, get, post
+from litestar import Controller, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, PathParameter
 
@@ -14,6 +14,7 @@ from modules.inventory.commands import AddStock
 from modules.inventory.queries import GetStockLevel, StockLevelView
 
 NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refuse it here (400), not in the database (500)
+STALE = {"Warning": '110 - "Response is Stale"'}  # RFC 7234: the level is the last one seen, not a live one
 Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=NO_NUL)]
 
 
@@ -36,5 +37,6 @@ class InventoryController(Controller):
     @get("/{sku:str}")
     async def level(
         self, sku: Annotated[str, PathParameter(pattern=NO_NUL)], mediator: NamedDependency[Mediator]
-    ) -> StockLevelView:
-        return await mediator.ask(GetStockLevel(sku=sku))
+    ) -> Response[StockLevelView]:
+        view = await mediator.ask(GetStockLevel(sku=sku))
+        return Response(view, headers=STALE if view.stale else None)

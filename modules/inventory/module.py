@@ -1,6 +1,8 @@
 """Wiring: inventory's messages, subscriptions and routes."""
 
-from app.wiring import Module, Subscription
+import msgspec
+
+from app.wiring import Module, StaleFallback, Subscription
 from modules.inventory import api, handlers
 from modules.inventory.commands import AddStock, ReserveStock
 from modules.inventory.queries import GetStockLevel
@@ -19,4 +21,6 @@ module = Module(
     },
     controllers=[api.InventoryController],
     background=[handlers.release_orphaned_reservations],
+    # a stock level a moment old beats an error for a reader; ReserveStock still asks the live one
+    fallbacks={GetStockLevel: StaleFallback(mark=lambda view: msgspec.structs.replace(view, stale=True))},
 )

@@ -11,7 +11,8 @@ class GetStockLevel(Query):
     sku: str
 
 
-class StockLevelView(msgspec.Struct, frozen=True, kw_only=True):
+class StockLevelView(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     sku: str
     available: int
     reserved: int
+    stale: bool = False  # True: inventory could not answer; the last level this caller saw

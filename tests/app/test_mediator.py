@@ -10,18 +10,21 @@ import types
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
+import msgspec
 import pytest
 from aiobreaker import CircuitBreakerState
 from prometheus_client import generate_latest
 
 from app import contracts as bootstrap_module  # where the contract files are imported
 from app.bootstrap import _check_handled, bootstrap
-from app.db import Database
+from app.db import Database, PoolExhausted
+from app.deadlines import DEADLINE_MARGIN
 from app.mediator import Mediator
-from app.messages import Command, CommandRejected, NotFound, Query, Unavailable
+from app.messages import Command, CommandRejected, DatabaseUnavailable, NotFound, Query, Unavailable
 from app.metrics import METRICS
 from app.settings import Settings
-from app.wiring import Module, inject
+from app.wiring import Module, StaleFallback, inject
 
 WAIT = 5.0  # upper bound on any wait in this file: a hang fails the test instead of stalling it
 
@@ -553,3 +556,209 @@ async def test_a_nested_call_times_out_before_its_caller_and_is_blamed_on_its_ow
     assert raised.value.module == "inner"
     assert mediator.breakers["inner"].current_state == CircuitBreakerState.OPEN
     assert mediator.breakers["outer"].current_state == CircuitBreakerState.CLOSED
+
+
+# --- infrastructure failures (issue 12) -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(111, "Connect call failed"),
+        OSError("network unreachable"),
+        asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+        asyncpg.CannotConnectNowError("the database system is starting up"),
+        asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+        asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+        asyncpg.InterfaceError("connection is closed"),
+        PoolExhausted("no database connection came free before the deadline"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_database_failures_are_a_database_unavailable_that_never_opens_the_modules_breaker(error):
+    handler = Recorder(fail_with(error))
+    m = mediator({Ping: handler}, breaker_fail_max=2)
+
+    for _ in range(5):
+        with pytest.raises(DatabaseUnavailable) as raised:
+            await m.send(Ping())
+        assert raised.value.status_code == 503 and raised.value.retry_after >= 1
+
+    assert handler.calls == 5
+    assert m.breakers["target"].current_state is CircuitBreakerState.CLOSED
+    assert m.open_breakers() == {}
+
+
+async def test_a_database_failure_in_a_nested_call_opens_neither_module_breaker():
+    m: Mediator
+    inner = Recorder(fail_with(asyncpg.ConnectionDoesNotExistError("lost")))
+
+    async def outer(message: Ping) -> Any:
+        return await m.send(Hurry())
+
+    m = mediator({Ping: ("orders", outer), Hurry: ("inventory", inner)}, breaker_fail_max=2)
+    for _ in range(5):
+        with pytest.raises(DatabaseUnavailable):
+            await m.send(Ping())
+
+    assert inner.calls == 5
+    assert m.open_breakers() == {}
+
+
+async def test_calls_succeed_as_soon_as_the_database_is_back():
+    handler = Recorder(fail_with(ConnectionRefusedError(111, "refused")))
+    m = mediator({Ping: handler}, breaker_fail_max=2, breaker_reset_seconds=30.0)
+    for _ in range(4):
+        with pytest.raises(DatabaseUnavailable):
+            await m.send(Ping())
+
+    handler.behaviour = None  # the database is back
+
+    assert await m.send(Ping()) == "ok"
+
+
+async def test_open_breakers_lists_an_open_breaker_until_its_reset_time_is_up():
+    m = mediator({Ping: Recorder(fail_with(RuntimeError("bug")))}, breaker_fail_max=2, breaker_reset_seconds=30.0)
+    assert m.open_breakers() == {}
+    await trip(m, Ping(), 2)
+
+    assert m.open_breakers() == {"target": 30}
+
+    m._watches["target"].at -= 31  # its reset time is up: the next call is the trial
+    assert m.open_breakers() == {}
+
+
+# --- the receiving end's deadline (issue 12) ------------------------------------------------
+
+
+async def test_dispatch_local_refuses_without_running_a_call_whose_caller_has_given_up():
+    handler = Recorder()
+    m = mediator({Ping: handler})
+
+    for budget in (0.0, -3.5):
+        with pytest.raises(Unavailable, match="after its caller's deadline; not run"):
+            await m.dispatch_local(Ping(), budget=budget)
+
+    assert handler.calls == 0
+
+
+async def test_dispatch_local_runs_a_call_within_the_time_its_caller_has_left():
+    m = mediator({Ping: Recorder(block_on(asyncio.Event()))}, default_timeout=60.0)
+    started = time.monotonic()
+
+    with pytest.raises(Unavailable, match="deadline"):
+        await asyncio.wait_for(m.dispatch_local(Ping(), budget=0.1), WAIT)
+
+    assert 0.1 - DEADLINE_MARGIN <= time.monotonic() - started < 1.0  # it leaves its caller time to answer
+
+
+# --- fallbacks (issue 12) -------------------------------------------------------------------
+
+
+class Level(Query):
+    """A test query with a fallback."""
+
+    sku: str
+
+
+class LevelView(msgspec.Struct, frozen=True, kw_only=True):
+    sku: str
+    units: int
+    stale: bool = False
+
+
+STALE = StaleFallback(mark=lambda view: msgspec.structs.replace(view, stale=True), keep=2)
+
+
+def counting_levels() -> Recorder:
+    recorder = Recorder()
+
+    async def level() -> LevelView:
+        return LevelView(sku="a", units=recorder.calls)
+
+    recorder.behaviour = level
+    return recorder
+
+
+async def test_a_query_with_a_fallback_is_answered_stale_while_its_breaker_is_open():
+    handler = counting_levels()
+    m = mediator({Level: handler}, fallbacks={Level: STALE}, breaker_fail_max=2)
+    assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=1)
+    handler.behaviour = fail_with(RuntimeError("inventory is broken"))
+    with pytest.raises(RuntimeError):  # a failing handler is a failure, not a reason to answer stale
+        await m.ask(Level(sku="a"))
+    assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=1, stale=True)  # this failure opened it
+
+    assert m.open_breakers() == {"target": 30}
+    assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=1, stale=True)
+    assert handler.calls == 3  # the open breaker did not call it
+
+
+async def test_a_query_with_a_fallback_is_answered_stale_while_its_bulkhead_is_full():
+    release = asyncio.Event()
+    handler = counting_levels()
+    m = mediator({Level: handler, Ping: Recorder(block_on(release))}, fallbacks={Level: STALE}, bulkhead_limit=1)
+    assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=1)
+    blocked = asyncio.create_task(m.send(Ping()))  # same module: its one slot is taken
+    try:
+        await asyncio.sleep(0)
+        assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=1, stale=True)
+    finally:
+        release.set()
+        await asyncio.wait_for(blocked, WAIT)
+    assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=2)  # fresh again
+
+
+async def test_a_query_with_a_fallback_is_answered_stale_when_it_misses_its_deadline():
+    handler = counting_levels()
+    m = mediator({Level: handler}, fallbacks={Level: STALE}, default_timeout=0.05)
+    assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=1)
+    handler.behaviour = block_on(asyncio.Event())
+
+    assert await asyncio.wait_for(m.ask(Level(sku="a")), WAIT) == LevelView(sku="a", units=1, stale=True)
+
+
+async def test_a_query_never_answered_before_is_still_unavailable():
+    handler = counting_levels()
+    m = mediator({Level: handler}, fallbacks={Level: STALE}, default_timeout=0.05)
+    assert await m.ask(Level(sku="a")) == LevelView(sku="a", units=1)
+    handler.behaviour = fail_with(Unavailable("down", module="target"))
+
+    with pytest.raises(Unavailable):
+        await m.ask(Level(sku="b"))  # another value: never answered here
+
+
+async def test_the_fallback_keeps_only_the_most_recent_answers():
+    handler = Recorder(lambda: asyncio.sleep(0, LevelView(sku="?", units=0)))
+    m = mediator({Level: handler}, fallbacks={Level: STALE})  # keep=2
+    for sku in ("a", "b", "c"):
+        await m.ask(Level(sku=sku))
+    handler.behaviour = fail_with(Unavailable("down", module="target"))
+
+    with pytest.raises(Unavailable):
+        await m.ask(Level(sku="a"))  # the oldest went
+    assert (await m.ask(Level(sku="c"))).stale
+
+
+async def test_a_command_to_an_unavailable_module_still_raises_unavailable_whatever_its_queries_declare():
+    handler = Recorder()
+    m = mediator({Ping: handler, Level: counting_levels()}, fallbacks={Level: STALE}, breaker_fail_max=1)
+    assert await m.send(Ping()) == "ok"
+    await m.ask(Level(sku="a"))
+    handler.behaviour = fail_with(Unavailable("down"))
+    with pytest.raises(Unavailable):
+        await m.send(Ping())
+
+    with pytest.raises(Unavailable, match="circuit open"):
+        await m.send(Ping())
+    assert (await m.ask(Level(sku="a"))).stale
+
+
+def test_a_command_cannot_declare_a_fallback():
+    with pytest.raises(TypeError, match="Ping is not a Query"):
+        mediator({Ping: Recorder()}, fallbacks={Ping: STALE})
+
+
+def test_a_module_declaring_a_fallback_for_a_command_fails_at_start_up():
+    with pytest.raises(ValueError, match=r"module 'first' declares a fallback for Ping: not one of its queries"):
+        boot(Module(name="first", commands={Ping: noop}, fallbacks={Ping: STALE}))
