@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from app.admin import AdminController
 from app.bootstrap import System, bootstrap, load_modules
 from app.db import Database, EmbeddedPostgres
-from app.http import EXCEPTION_HANDLERS, request_id_middleware
+from app.http import EXCEPTION_HANDLERS, JSONRequest, request_id_middleware
 from app.metrics import METRICS
 from app.migrate import head_revision
 from app.relay import Relay
@@ -125,6 +125,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
             "db": Provide(runtime.db, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=JSONRequest,  # strict JSON bodies: 415, 400, never a 500 or a coercion
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Switchboard", version="0.1.0", path="/schema"),
     )

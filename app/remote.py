@@ -21,6 +21,7 @@ from litestar.exceptions import NotAuthorizedException, NotFoundException
 
 from app import context
 from app.deadlines import deadline_in, remaining_seconds
+from app.http import check_json_media, problem
 from app.messages import CommandRejected, SwitchboardError, Unavailable
 from app.registry import Registry
 
@@ -161,11 +162,14 @@ def internal_endpoint(token: str, get_system):
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), expected):
             raise NotAuthorizedException("internal calls need the shared internal token")
         system = get_system()
+        check_json_media(request)
         try:
+            # Strict, and the message's own __post_init__ checks its invariants: a peer (or anyone
+            # with the token) is refused what the HTTP edge refuses, with the same error class.
             message = system.transport.catalog.decode_message(name, await request.body())
-        except msgspec.DecodeError as error:
-            return Response({"status": 400, "title": "Invalid message", "detail": str(error)}, status_code=400,
-                            media_type="application/problem+json")
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
+            detail = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+            return problem(400, "Invalid message", detail, instance=request.url.path)
         try:
             budget = float(request.headers.get(DEADLINE_HEADER, "nan"))
         except ValueError:
