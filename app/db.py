@@ -111,6 +111,32 @@ class EmbeddedPostgres:
             return True
 
 
+class DatabaseUnreachable(Exception):
+    """The database at DATABASE_URL cannot be used: one line naming where and why, for the CLI."""
+
+
+def where(url: str) -> str:
+    """HOST:PORT/DATABASE of a URL, never its password."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port or 5432
+    except ValueError:
+        port = 5432
+    return f"{parts.hostname or 'localhost'}:{port}{parts.path or ''}"
+
+
+async def probe(url: str, timeout: float = 5.0) -> None:
+    """Connect once, so a command fails with DatabaseUnreachable before it starts anything."""
+    try:
+        connection = await asyncpg.connect(normalize_url(url), timeout=timeout)
+    except (OSError, TimeoutError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise DatabaseUnreachable(f"cannot reach the database at {where(url)} ({reason}): is PostgreSQL running there? check DATABASE_URL") from None
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise DatabaseUnreachable(f"the database at {where(url)} refused the connection: {error}") from None
+    await connection.close()
+
+
 async def ensure_database(admin_url: str, database: str) -> None:
     conn = await asyncpg.connect(normalize_url(admin_url))
     try:
