@@ -18,6 +18,7 @@ import aiohttp
 import msgspec
 from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
+from litestar.params import FromPath
 
 from app import context
 from app.deadlines import deadline_in, remaining_seconds
@@ -156,7 +157,7 @@ def internal_endpoint(token: str, get_system):
     expected = token.encode()
 
     @post(f"{INTERNAL_PATH}/{{name:str}}", status_code=200, include_in_schema=False)
-    async def receive(name: str, request: Request) -> Response[bytes]:
+    async def receive(name: FromPath[str], request: Request) -> Response[bytes]:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), expected):
