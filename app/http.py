@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from functools import cache
 from typing import Any
 
 import asyncpg
+import msgspec
 from litestar import Request, Response
-from litestar.exceptions import HTTPException
+from litestar.exceptions import ClientException, HTTPException, ValidationException
+from litestar.types import Empty
 
 from app import context
 from app.messages import SwitchboardError, Unavailable
@@ -19,6 +22,53 @@ log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
 REQUEST_ID = b"x-request-id"
 SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+JSON_MEDIA = re.compile(r"application/(?:[\w.-]+\+)?json")  # application/json, application/x+json
+
+
+def check_json_media(request: Request) -> None:
+    """A JSON route takes JSON in UTF-8 (RFC 8259): another media type is a 415, another charset a
+    400. No Content-Type at all is taken for JSON."""
+    media_type, options = request.content_type
+    if media_type and not JSON_MEDIA.fullmatch(media_type):
+        raise ClientException(f"Unsupported media type {media_type}: send application/json", status_code=415)
+    charset = options.get("charset", "utf-8").strip('"').lower()
+    if charset not in ("utf-8", "utf8"):
+        raise ClientException(f"Unsupported charset {charset}: send UTF-8 JSON")
+
+
+@cache
+def _decoder(target: Any) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(target)  # strict: "5" is no int
+
+
+def decode_json(body: bytes, target: Any, where: str) -> Any:
+    """Decode a JSON body as `target`, strictly; whatever the bytes, a failure is a 400."""
+    try:
+        return _decoder(target).decode(body)
+    except msgspec.ValidationError as error:
+        message, _, path = str(error).partition(" - at `$")
+        key = path.rstrip("`").lstrip(".")
+        raise ValidationException(f"Validation failed for {where}", extra=[{"message": message, "key": key, "source": "body"}]) from None
+    except msgspec.DecodeError as error:
+        raise ClientException(f"Malformed JSON body: {error}") from None
+    except RecursionError:  # msgspec recurses per nesting level
+        raise ClientException("Malformed JSON body: nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ClientException("Malformed JSON body: not valid UTF-8") from None
+
+
+class JSONRequest(Request):
+    """Request bodies decoded the one way this app accepts: JSON, UTF-8, strict types, straight
+    into the route's body type. Litestar's own path decodes loosely (it turns "5" into 5)."""
+
+    async def json(self) -> Any:
+        if self._json is Empty:
+            check_json_media(self)
+            field = self.route_handler.parsed_data_field
+            target = Any if field is None else field.annotation
+            where = f"{self.method} {self.url.path}"
+            self._json = self._connection_state.json = decode_json(await self.body() or b"null", target, where)
+        return self._json
 
 
 def problem(status: int, title: str, detail: str = "", headers: dict[str, str] | None = None, **extra: Any):
@@ -86,9 +136,23 @@ def request_id_middleware(app):
         token = context.correlation_id.set(request_id)
         encoded = request_id.encode("latin-1")
 
+        replaced = False
+        docs = scope.get("path", "").startswith("/schema")
+
         async def send_with_id(message):
+            nonlocal replaced
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (REQUEST_ID, encoded)]
+                headers = message.get("headers", [])
+                if message["status"] >= 400 and docs and _is_html(headers):
+                    # The docs plugin answers unknown paths under /schema with an HTML page of its
+                    # own: every API error leaves this app as a problem document. (The dashboard's
+                    # pages are HTML on purpose, its login form with a 401 among them.)
+                    replaced = True
+                    await _send_problem(send, message["status"], scope.get("path", ""), encoded)
+                    return
+                message["headers"] = [*headers, (REQUEST_ID, encoded)]
+            elif replaced:  # the HTML page's body: already answered
+                return
             await send(message)
 
         try:
@@ -97,3 +161,15 @@ def request_id_middleware(app):
             context.correlation_id.reset(token)
 
     return middleware
+
+
+def _is_html(headers) -> bool:
+    return any(name.lower() == b"content-type" and value.startswith(b"text/html") for name, value in headers)
+
+
+async def _send_problem(send, status: int, path: str, request_id: bytes) -> None:
+    title = "Not found" if status == 404 else "Error"
+    body = msgspec.json.encode({"type": "about:blank", "status": status, "title": title, "instance": path})
+    headers = [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode()), (REQUEST_ID, request_id)]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -19,8 +19,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from app.admin import AdminController
 from app.bootstrap import System, bootstrap, load_modules
 from app.dashboard.routes import dashboard_router
-from app.db import Database, EmbeddedPostgres
-from app.http import EXCEPTION_HANDLERS, request_id_middleware
+from app.db import Database
+from app.embedded import EmbeddedPostgres
+from app.http import EXCEPTION_HANDLERS, JSONRequest, request_id_middleware
 from app.http_metrics import http_metrics_middleware
 from app.metrics_export import Exporter
 from app.metrics_export import register as register_metrics
@@ -188,6 +189,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
             "db": Provide(runtime.db, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        request_class=JSONRequest,  # strict JSON bodies: 415, 400, never a 500 or a coercion
         request_max_body_size=settings.max_body_bytes,
         openapi_config=openapi_config(),
     )

@@ -81,3 +81,27 @@ class ConcurrencyError(SwitchboardError):
 
 class PermanentError(Exception):
     """Raised by a subscriber for a failure retrying cannot fix: the relay dead-letters at once."""
+
+
+def text_error(field: str, value: str, max_length: int) -> str | None:
+    """Why `value` cannot be the text field `field` of a message, or None. Commands check their
+    own fields with it, so the HTTP edge and `/internal/messages` refuse the same things; NUL is
+    refused because PostgreSQL text cannot hold it."""
+    if not isinstance(value, str):
+        return f"{field} must be a string"
+    if not value:
+        return f"{field} must not be empty"
+    if len(value) > max_length:
+        return f"{field} is longer than {max_length} characters"
+    if "\x00" in value:
+        return f"{field} contains a NUL character"
+    return None
+
+
+def count_error(field: str, value: int, low: int, high: int) -> str | None:
+    """Why `value` is not a whole number in [low, high] for `field`, or None."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{field} must be a whole number"
+    if not low <= value <= high:
+        return f"{field} must be between {low} and {high}, got {value}"
+    return None

@@ -19,9 +19,11 @@ import aiohttp
 import msgspec
 from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
+from litestar.params import FromPath
 
 from app import context
 from app.deadlines import remaining_seconds
+from app.http import check_json_media, problem
 from app.messages import CommandRejected, DatabaseUnavailable, SwitchboardError, Unavailable
 from app.registry import Registry
 
@@ -184,17 +186,20 @@ def internal_endpoint(token: str, get_system):
     expected = token.encode()
 
     @post(f"{INTERNAL_PATH}/{{name:str}}", status_code=200, include_in_schema=False)
-    async def receive(name: str, request: Request) -> Response[bytes]:
+    async def receive(name: FromPath[str], request: Request) -> Response[bytes]:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), expected):
             raise NotAuthorizedException("internal calls need the shared internal token")
         system = get_system()
+        check_json_media(request)
         try:
+            # Strict, and the message's own __post_init__ checks its invariants: a peer (or anyone
+            # with the token) is refused what the HTTP edge refuses, with the same error class.
             message = system.transport.catalog.decode_message(name, await request.body())
-        except msgspec.DecodeError as error:
-            return Response({"status": 400, "title": "Invalid message", "detail": str(error)}, status_code=400,
-                            media_type="application/problem+json")
+        except (msgspec.DecodeError, RecursionError, UnicodeDecodeError) as error:
+            detail = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+            return problem(400, "Invalid message", detail, instance=request.url.path)
         result = await system.mediator.dispatch_local(message, budget=caller_budget(request.headers))
         return Response(_encode(result), media_type="application/json")
 

@@ -174,13 +174,40 @@ class Settings:
         values = {}
         for f in dataclasses.fields(cls):
             name = f.metadata["env"]
-            if name is not None and name in environ:
+            if name == "DATABASE_URL" and name in environ:
+                values[f.name] = _database_url(environ[name])
+            elif name is not None and name in environ:
                 values[f.name] = _parse(name, environ[name], _types()[f.name], f.metadata["unit"])
         return cls(**values)
 
 
 def _optional_str(raw: str) -> str | None:
     return raw or None  # empty = unset
+
+
+POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgres+asyncpg")
+
+
+def _database_url(raw: str) -> str | None:
+    """A PostgreSQL URL or nothing: another scheme would otherwise be tried as PostgreSQL on the
+    default port, and a typo would surface as a connection error far from its cause."""
+    from urllib.parse import urlsplit
+
+    if not raw:
+        return None  # empty = unset
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as error:
+        raise SettingsError(f"DATABASE_URL is not a valid URL ({error}): use postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
+    if parts.scheme.lower() not in POSTGRES_SCHEMES:
+        shown = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
+        raise SettingsError(
+            f"DATABASE_URL has {shown}: switchboard needs PostgreSQL, postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+        )
+    if not parts.netloc and "host=" not in parts.query:
+        raise SettingsError("DATABASE_URL names no host: use postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+    return raw
 
 
 def _names(raw: str) -> tuple[str, ...] | None:

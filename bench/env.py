@@ -19,7 +19,8 @@ from pathlib import Path
 
 import asyncpg
 
-from app.db import EmbeddedPostgres, ensure_database, normalize_url, with_database
+from app.db import ensure_database, normalize_url, with_database
+from app.embedded import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"

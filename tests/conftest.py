@@ -13,7 +13,8 @@ import pytest
 from litestar import Litestar
 
 from app.bootstrap import System, bootstrap
-from app.db import Database, EmbeddedPostgres, ensure_database, normalize_url, with_database
+from app.db import Database, ensure_database, normalize_url, with_database
+from app.embedded import EmbeddedPostgres
 from app.main import create_app
 from app.migrate import upgrade
 from app.relay import Relay

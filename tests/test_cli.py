@@ -101,10 +101,11 @@ async def test_dlq_discard_drops_the_letter(database_url, letter_id, db):
 async def test_dlq_discard_of_a_letter_that_is_no_longer_parked_exits_1(database_url, letter_id, db):
     await db.execute("UPDATE dead_letters SET status = 'discarded' WHERE id = $1", letter_id)
 
-    code, out, _ = await switchboard(database_url, "dlq", "discard", str(letter_id))
+    code, out, err = await switchboard(database_url, "dlq", "discard", str(letter_id))
 
     assert code == 1
-    assert "discarded 0 dead letter(s)" in out
+    assert err == f"switchboard: dead letter {letter_id} is discarded, not parked: nothing to discard\n"
+    assert out == ""
 
 
 async def test_sql_runs_one_command_with_psql(database_url):

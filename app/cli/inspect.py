@@ -12,7 +12,7 @@ from decimal import Decimal
 from pathlib import Path
 from uuid import UUID
 
-from app.cli.process import database_url
+from app.cli.process import Failure, database_url
 from app.db import Database
 from app.settings import get_settings
 
@@ -93,14 +93,19 @@ def _resolve(args: argparse.Namespace, action_name: str) -> int:
 
     async def go(db):
         ids = await dead_letters.parked_ids(db, args.subscriber) if args.all else [args.id]
-        return await action(db, ids, actor)
+        done = await action(db, ids, actor)
+        if not done and not args.all:  # say why nothing happened
+            letter = await dead_letters.get_dead_letter(db, args.id)
+            if letter is None:
+                raise Failure(f"no dead letter {args.id}")
+            raise Failure(f"dead letter {args.id} is {letter['status']}, not parked: nothing to {action_name}")
+        return done
 
     if not args.all and args.id is None:
-        print("give a dead letter ID or --all", file=sys.stderr)
-        return 2
+        raise Failure("give a dead letter ID or --all", code=2)
     done = _run(go)
     print(f"{action_name}ed {len(done)} dead letter(s): {', '.join(map(str, done)) or '-'}".replace("ee", "e"))
-    return 0 if done or args.all else 1
+    return 0
 
 
 def _jsonable(value):

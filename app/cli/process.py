@@ -13,16 +13,27 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from app.db import Database, EmbeddedPostgres
+from app.db import Database, probe
+from app.embedded import EmbeddedPostgres
 from app.settings import get_settings
+
+
+class Failure(Exception):
+    """A command could not do what it was asked: one line on stderr, exit `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @contextlib.contextmanager
 def database_url() -> Iterator[tuple[str, EmbeddedPostgres | None]]:
-    """DATABASE_URL if set; otherwise the embedded server in SWITCHBOARD_DATA_DIR, stopped on exit
-    (unless another process, e.g. a running `serve`, still uses it)."""
+    """DATABASE_URL if set (reached once first, so a wrong one fails here in one line); otherwise
+    the embedded server in SWITCHBOARD_DATA_DIR, stopped on exit (unless another process, e.g. a
+    running `serve`, still uses it)."""
     settings = get_settings()
     if settings.database_url:
+        asyncio.run(probe(settings.database_url))
         yield settings.database_url, None
         return
     embedded = EmbeddedPostgres(settings.data_dir)
@@ -36,6 +47,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.ports import IN_USE, port_in_use
     from app.supervise import serve_http
 
+    if args.modules is not None:
+        check_modules(args.modules.split(","), "--modules")
+    elif get_settings().modules:
+        check_modules(get_settings().modules, "SWITCHBOARD_MODULES")
     if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
         print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
         return 1
@@ -68,12 +83,36 @@ def _metrics_dir(port: int) -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
+def check_modules(names, given_in: str) -> None:
+    """Before anything starts: a misspelt module would otherwise fail in every worker."""
+    from app.bootstrap import MODULES
+
+    names = [n.strip() for n in names]
+    unknown = [n for n in names if n not in MODULES]
+    if unknown or not any(names):
+        shown = ", ".join(repr(n) for n in unknown) or "nothing"
+        raise Failure(f"unknown module {shown} in {given_in}; known modules: {', '.join(MODULES)}", code=2)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from app.migrate import upgrade
+    from app.migrate import current_revision, head_revision, migrate_to, revisions
 
     with database_url() as (url, _):
-        upgrade(url, args.revision)
-        print(f"migrated to {args.revision}")
+        if args.action == "status":
+            current = asyncio.run(current_revision(url))
+            known = revisions()
+            pending = known[known.index(current) + 1 :] if current in known else known if current is None else ()
+            print(f"current: {current or '(none: never migrated)'}")
+            print(f"head:    {head_revision()}")
+            print(f"pending: {' '.join(pending) or '(none)'}")
+            return 0
+        before, after = migrate_to(url, args.to)
+    if before == after:
+        print(f"already at {'head ' if after == head_revision() else ''}{after or 'base (no schema)'}")
+    else:
+        order = {None: -1, **{r: i for i, r in enumerate(revisions())}}
+        verb = "upgraded" if order[after] > order[before] else "downgraded"
+        print(f"{verb} {before or 'base'} \u2192 {after or 'base'}")
     return 0
 
 

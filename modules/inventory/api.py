@@ -10,17 +10,19 @@ from litestar.di import NamedDependency
 from litestar.params import JSONBody, PathParameter
 
 from app.mediator import Mediator
-from modules.inventory.commands import AddStock
+from modules.inventory.commands import MAX_ADDED, MAX_SKU, AddStock
 from modules.inventory.queries import GetStockLevel, StockLevelView
 
-NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL: refuse it here (400), not in the database (500)
+# The command enforces the same rules (for /internal/messages too); declaring them here as well
+# names the offending field in the 400 and documents them in the OpenAPI schema.
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL
 STALE = {"Warning": '110 - "Response is Stale"'}  # RFC 7234: the level is the last one seen, not a live one
-Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=NO_NUL)]
+Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SKU, pattern=NO_NUL)]
 
 
 class AddStockRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     sku: Sku
-    quantity: Annotated[int, msgspec.Meta(gt=0, le=1_000_000_000)]
+    quantity: Annotated[int, msgspec.Meta(gt=0, le=MAX_ADDED)]
 
 
 class InventoryController(Controller):

@@ -12,24 +12,27 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
 from app.mediator import Mediator
-from modules.orders.commands import OrderLine, PlaceOrder
+from modules.orders.commands import MAX_LINES, MAX_QUANTITY, MAX_SKU, MAX_TEXT, OrderLine, PlaceOrder
 from modules.orders.queries import GetOrder, OrderLineView, OrderView
 
 POSITION_HEADER = "X-Switchboard-Position"
 
 POSITION_MAX = 2**63 - 1  # events.position is a bigint: larger values cannot name a position
-# PostgreSQL text cannot hold NUL: refuse it here (400) rather than fail in the database (500).
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+# PlaceOrder enforces the same rules (for /internal/messages too); declaring them here as well
+# names the offending field in the 400 and documents them in the OpenAPI schema.
+NO_NUL = r"^[^\x00]*$"  # PostgreSQL text cannot hold NUL
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_TEXT, pattern=NO_NUL)]
+Sku = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_SKU, pattern=NO_NUL)]
 
 
 class LineRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    sku: Text
-    quantity: Annotated[int, msgspec.Meta(gt=0, le=1_000_000)]
+    sku: Sku
+    quantity: Annotated[int, msgspec.Meta(gt=0, le=MAX_QUANTITY)]
 
 
 class PlaceOrderRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     customer_id: Text
-    items: Annotated[list[LineRequest], msgspec.Meta(min_length=1, max_length=100)]
+    items: Annotated[list[LineRequest], msgspec.Meta(min_length=1, max_length=MAX_LINES)]
     payment_method: Text
 
 

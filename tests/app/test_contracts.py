@@ -8,7 +8,13 @@ import pytest
 
 from app.contracts import load_contract
 from modules.inventory.aggregate import Stock
-from modules.inventory.commands import AddStock, InsufficientStock, ReserveStock, UnknownSku
+from modules.inventory.commands import (
+    AddStock,
+    InsufficientStock,
+    InvalidStockRequest,
+    ReserveStock,
+    UnknownSku,
+)
 from modules.inventory.events import (
     ReservationCommitted,
     ReservationReleased,
@@ -26,7 +32,7 @@ def test_a_modules_contract_is_what_its_three_files_define():
     assert contract.commands == [AddStock, ReserveStock]
     assert contract.queries == [GetStockLevel]
     assert contract.events == [StockAdded, StockReserved, ReservationReleased, ReservationCommitted, ReservationRetaken]
-    assert contract.errors == [InsufficientStock, UnknownSku]  # not CommandRejected, which it imports
+    assert contract.errors == [InvalidStockRequest, InsufficientStock, UnknownSku]  # not CommandRejected, which it imports
 
 
 def test_a_package_with_only_an_events_file_has_only_events():

