@@ -1,7 +1,7 @@
 """Wiring: orders' messages, subscriptions and routes."""
 
 from app.wiring import Module, Subscription
-from modules.orders import api, handlers, read_model
+from modules.orders import api, handlers, idempotency, read_model
 from modules.orders.commands import PlaceOrder
 from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPlaced
 from modules.orders.queries import GetOrder
@@ -21,4 +21,5 @@ module = Module(
         PaymentDeclined: [Subscription("orders.mark_order_payment_declined", handlers.mark_order_payment_declined)],
     },
     controllers=[api.OrderController],
+    background=[idempotency.forget_expired_keys],
 )
