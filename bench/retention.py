@@ -120,12 +120,10 @@ async def send_orders(base: str, skus: list[str], rate: float, seconds: float, l
 def verdict(samples: list[dict], retention: float, load: Load, judge: str) -> dict:
     settled = [s for s in samples if s["t"] >= 2 * retention]
     result: dict = {"measurement": "retention_verdict", "retention_seconds": retention, "judge": judge}
-    flat = len(settled) >= 2
-    if not flat:
+    flat = enough = len(settled) >= 2
+    if not enough:
         result["why"] = "no two samples after 2 x retention: run longer or sample more often"
-    for table in KEPT:
-        if not flat:
-            break
+    for table in KEPT if enough else ():
         ref, last = settled[0], settled[-1]
         rows_ok = abs(last[f"{table}_rows"] - ref[f"{table}_rows"]) <= TOLERANCE * max(ref[f"{table}_rows"], 1)
         grown = last[f"{table}_bytes"] - ref[f"{table}_bytes"]
