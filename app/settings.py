@@ -148,6 +148,12 @@ class Settings:
         unit="seconds",
         doc="delivered outbox rows stay visible in `outbox` this long (s)",
     )
+    inbox_retention_seconds: float = setting(
+        3600.0,
+        env="SWITCHBOARD_INBOX_RETENTION",
+        unit="seconds",
+        doc="an `inbox` row (this subscriber applied that message) is purged once older than this (s) and its message has no undelivered outbox row left; a relay frozen longer than this after its lease lapsed could apply a message twice",
+    )
     retry_base_seconds: float = setting(
         0.5,
         env="SWITCHBOARD_RETRY_BASE",
@@ -165,6 +171,12 @@ class Settings:
         env="SWITCHBOARD_RESERVATION_TTL",
         unit="seconds",
         doc="inventory: a stock hold with no payment outcome is released after this (s); longer than a charge's whole retry budget",
+    )
+    idempotency_retention_seconds: float = setting(
+        86400.0,
+        env="SWITCHBOARD_IDEMPOTENCY_RETENTION",
+        unit="seconds",
+        doc="orders: an `Idempotency-Key` of `POST /orders` is honoured this long (s) after its first use, then forgotten (a retry after that places a new order)",
     )
 
     @classmethod

@@ -33,10 +33,12 @@ ENV_NAMES = {
     "relay_yield_seconds": "SWITCHBOARD_RELAY_YIELD",
     "relay_linger_seconds": "SWITCHBOARD_RELAY_LINGER",
     "outbox_retention_seconds": "SWITCHBOARD_OUTBOX_RETENTION",
+    "inbox_retention_seconds": "SWITCHBOARD_INBOX_RETENTION",
     "retry_base_seconds": "SWITCHBOARD_RETRY_BASE",
     "retry_cap_seconds": "SWITCHBOARD_RETRY_CAP",
     "retry_max_attempts": "SWITCHBOARD_RETRY_MAX_ATTEMPTS",
     "reservation_ttl_seconds": "SWITCHBOARD_RESERVATION_TTL",
+    "idempotency_retention_seconds": "SWITCHBOARD_IDEMPOTENCY_RETENTION",
 }
 
 

@@ -68,6 +68,7 @@ class Relay:
         self.poll_seconds = settings.relay_poll_seconds
         self.lease_seconds = settings.relay_lease_seconds
         self.retention_seconds = settings.outbox_retention_seconds
+        self.inbox_retention_seconds = settings.inbox_retention_seconds
         self.linger_seconds = settings.relay_linger_seconds
         self.concurrency = concurrency or max(2, system.db.max_size // 2)
         self._limit = asyncio.Semaphore(self.concurrency)
@@ -165,15 +166,21 @@ class Relay:
         statements), until none are left or `rounds` batches went. Returns how many went."""
         return await purge.purge_delivered(self.db, self.retention_seconds, PURGE_BATCH, rounds)
 
+    async def purge_inbox(self, rounds: int = PURGE_ROUNDS) -> int:
+        """Delete inbox rows older than their retention period whose message has no undelivered
+        outbox row left (app/relay/purge.py says why that is safe), PURGE_BATCH at a time."""
+        return await purge.purge_inbox(self.db, self.inbox_retention_seconds, PURGE_BATCH, rounds)
+
     async def _purge_forever(self) -> None:
-        """Once a second: up to PURGE_ROUNDS x PURGE_BATCH rows a second, far above what the relay
-        delivers, so the table does not grow past the retention period."""
+        """Once a second: up to PURGE_ROUNDS x PURGE_BATCH rows a second of each table, far above
+        what the relay delivers, so neither grows past its retention period."""
         while True:
             await asyncio.sleep(1.0)
-            try:
-                await self.purge_delivered()
-            except Exception as error:  # keep purging: a purge that died would let the table grow
-                log.warning("relay %s: could not purge delivered rows: %s", self.instance_id, error)
+            for what, purge_once in (("delivered rows", self.purge_delivered), ("inbox rows", self.purge_inbox)):
+                try:
+                    await purge_once()
+                except Exception as error:  # keep purging: a purge that died would let a table grow
+                    log.warning("relay %s: could not purge %s: %s", self.instance_id, what, error)
 
     def _delivered_batch(self, in_flight: set[asyncio.Task]):
         def done(task: asyncio.Task) -> None:

@@ -1,4 +1,4 @@
-"""Deleting delivered outbox rows once their retention period is over."""
+"""Deleting delivered outbox rows and old inbox rows once their retention period is over."""
 
 from __future__ import annotations
 
@@ -15,13 +15,43 @@ DELETE FROM outbox WHERE id IN (
 )
 """
 
+# An inbox row is what stops a redelivery from applying its message twice, and a message can be
+# delivered again only from an outbox row that is not 'delivered' yet: pending (a retry, or a
+# claim whose relay died), dead (a dead letter, replayable for as long as it is parked) or
+# blocked. So a row goes only when no such row of its (subscriber, message) is left -- a lookup in
+# the partial unique index outbox_undelivered_message -- and it is older than
+# SWITCHBOARD_INBOX_RETENTION: the margin for the one redelivery the database cannot see, a relay
+# frozen after its lease lapsed that wakes up still holding the message in memory.
+PURGE_INBOX_SQL = """
+DELETE FROM inbox WHERE ctid = ANY(ARRAY(  -- by row address: a key IN (...) made it scan the table
+    SELECT i.ctid FROM inbox i
+    WHERE i.processed_at < now() - make_interval(secs => $1)
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox o
+          WHERE o.subscriber = i.subscriber AND o.message_id = i.message_id AND o.status <> 'delivered'
+          OFFSET 0)  -- a lookup per row: as a join it would read every undelivered row each batch
+    LIMIT $2
+    FOR UPDATE OF i SKIP LOCKED  -- locked: the address cannot change before the DELETE
+))
+"""
+
 
 async def purge_delivered(db: Database, retention_seconds: float, batch: int, rounds: int) -> int:
     """Delete delivered rows older than the retention period, `batch` at a time (short
     statements), until none are left or `rounds` batches went. Returns how many went."""
+    return await _in_batches(db, PURGE_SQL, retention_seconds, batch, rounds)
+
+
+async def purge_inbox(db: Database, retention_seconds: float, batch: int, rounds: int) -> int:
+    """Delete inbox rows older than the retention period whose message no outbox row can deliver
+    again, `batch` at a time, until none are left or `rounds` batches went. Returns how many went."""
+    return await _in_batches(db, PURGE_INBOX_SQL, retention_seconds, batch, rounds)
+
+
+async def _in_batches(db: Database, sql: str, retention_seconds: float, batch: int, rounds: int) -> int:
     purged = 0
     for _ in range(rounds):
-        deleted = rowcount(await db.execute(PURGE_SQL, retention_seconds, batch))
+        deleted = rowcount(await db.execute(sql, retention_seconds, batch))
         purged += deleted
         if deleted < batch:
             break

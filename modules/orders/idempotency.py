@@ -1,9 +1,12 @@
 """Idempotency-Key for PlaceOrder: the first request with a key decides; a retry with the same key
-(on any replica) gets the same answer and creates nothing; the key with another request is a 422."""
+(on any replica) gets the same answer and creates nothing; the key with another request is a 422.
+A key is honoured for SWITCHBOARD_IDEMPOTENCY_RETENTION after its first use, then forgotten."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 from datetime import datetime
 from uuid import UUID
 
@@ -11,6 +14,7 @@ import msgspec
 
 from app.db import Database
 from app.messages import CommandRejected
+from app.settings import Settings
 from modules.orders.commands import (
     EarlierRejection,
     IdempotencyKeyInUse,
@@ -18,6 +22,8 @@ from modules.orders.commands import (
     OrderAccepted,
     PlaceOrder,
 )
+
+log = logging.getLogger(__name__)
 
 STALE_SECONDS = 60  # a claim this old with no outcome was left by a dead process: take it over
 
@@ -37,6 +43,18 @@ FROM orders_idempotency k
 LEFT JOIN events e ON e.stream_id = 'order-' || k.order_id AND e.version = 1
 WHERE k.key = $1
 """
+
+# Every replica runs the sweep: each skips the rows another is deleting. Batches keep each
+# statement short next to the requests writing keys.
+FORGET_SQL = """
+DELETE FROM orders_idempotency WHERE ctid = ANY(ARRAY(  -- by row address: key IN (...) scanned the table
+    SELECT ctid FROM orders_idempotency WHERE claimed_at < now() - make_interval(secs => $1)
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+))
+"""
+FORGET_BATCH = 1000
+FORGET_ROUNDS = 50
 
 _encode = msgspec.json.Encoder().encode
 
@@ -85,3 +103,29 @@ async def release(db: Database, key: str, order_id: UUID) -> None:
         key,
         order_id,
     )
+
+
+async def forget_expired(db: Database, retention_seconds: float, rounds: int = FORGET_ROUNDS) -> int:
+    """Delete the keys first used more than `retention_seconds` ago, FORGET_BATCH at a time, until
+    none are left or `rounds` batches went. Returns how many went."""
+    forgotten = 0
+    for _ in range(rounds):
+        deleted = int((await db.execute(FORGET_SQL, retention_seconds, FORGET_BATCH)).rsplit(" ", 1)[1])
+        forgotten += deleted
+        if deleted < FORGET_BATCH:
+            break
+    return forgotten
+
+
+async def forget_expired_keys(db: Database, settings: Settings) -> None:
+    """Orders' background task: the usual Idempotency-Key contract (a key is honoured for a
+    retention period, Stripe's is 24 h) keeps orders_idempotency from growing with every keyed
+    order ever placed. A round every tenth of the retention (at most a minute apart), so a key
+    outlives its period by at most that and the table's size holds steady between rounds."""
+    retention = settings.idempotency_retention_seconds
+    while True:
+        await asyncio.sleep(min(max(retention / 10, 0.05), 60))
+        try:
+            await forget_expired(db, retention)
+        except Exception:  # keep sweeping; the next round retries
+            log.exception("idempotency key sweep failed")

@@ -1,7 +1,7 @@
 """Wiring: orders' messages, subscriptions and routes."""
 
 from app.wiring import Module, Subscription
-from modules.orders import api, handlers, read_model
+from modules.orders import api, handlers, idempotency, read_model
 from modules.orders.commands import PlaceOrder
 from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPaymentFailed, OrderPlaced
 from modules.orders.queries import GetOrder
@@ -23,4 +23,5 @@ module = Module(
         PaymentFailed: [Subscription("orders.mark_order_payment_failed", handlers.mark_order_payment_failed)],
     },
     controllers=[api.OrderController],
+    background=[idempotency.forget_expired_keys],
 )
