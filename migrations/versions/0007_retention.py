@@ -6,16 +6,16 @@ that is a lookup in outbox_undelivered_message (0005), so the outbox gets no new
 append would pay for one). The inbox index is on a column that only grows, so each delivery adds
 its entry at the right edge of the index.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0007
+Revises: 0006
 """
 
 from alembic import op
 
 from app.migrate import run_script
 
-revision = "0006"
-down_revision = "0005"
+revision = "0007"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
