@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, migrate, relay, sql, services, outbox, dlq."""
+"""The `switchboard` command: serve, migrate, relay, sql, services, outbox, dlq, describe."""
 
 from __future__ import annotations
 
