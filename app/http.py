@@ -11,7 +11,7 @@ import asyncpg
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
-from app import context
+from app import context, observe
 from app.messages import SwitchboardError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -85,15 +85,21 @@ def request_id_middleware(app):
             request_id = uuid.uuid4().hex
         token = context.correlation_id.set(request_id)
         encoded = request_id.encode("latin-1")
+        # its span (continuing a caller's traceparent) and its debug line, only when either is on
+        observed = observe.Request(scope) if observe.TRACING or observe.DEBUG else None
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (REQUEST_ID, encoded)]
+                if observed is not None:
+                    observed.status = message["status"]
             await send(message)
 
         try:
             await app(scope, receive, send_with_id)
         finally:
+            if observed is not None:
+                observed.end(scope)
             context.correlation_id.reset(token)
 
     return middleware

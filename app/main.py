@@ -12,6 +12,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app import logs, observe
 from app.admin import AdminController
 from app.bootstrap import System, bootstrap, load_modules
 from app.dashboard.routes import dashboard_router
@@ -40,6 +41,8 @@ class Runtime:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        logs.setup_logging(self.settings)  # once per process (each granian worker): logs, then traces
+        observe.setup_tracing()
         url = self.settings.database_url
         if url is None:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
@@ -74,6 +77,7 @@ class Runtime:
             await db.close()
             if self._embedded is not None:
                 await asyncio.to_thread(self._embedded.stop)  # atexit does not run in server workers
+            await asyncio.to_thread(observe.shutdown_tracing)  # the worker's last spans, before it exits
 
     def mediator(self):
         return self.system.mediator

@@ -30,6 +30,7 @@ from app.messages import (
     Unavailable,
 )
 from app.metrics import METRICS
+from app.observe import Call
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -167,6 +168,7 @@ class Mediator:
         self.in_flight += 1
         started = time.perf_counter()
         outcome = "error"
+        call = Call(route.module, message)  # its log scope, and its span when tracing (app/observe.py)
         try:
             # The state call_async would act on: captured before the call, judged after it.
             state = route.watch.state
@@ -201,6 +203,7 @@ class Mediator:
             bulkhead.in_flight -= 1
             self.in_flight -= 1
             stats.record(outcome, time.perf_counter() - started)
+            call.end(outcome, started)
 
     async def _run(self, route: Route, message: Any) -> Any:
         loop = asyncio.get_running_loop()

@@ -166,6 +166,16 @@ class Settings:
         unit="seconds",
         doc="inventory: a stock hold with no payment outcome is released after this (s); longer than a charge's whole retry budget",
     )
+    log_level: str = setting(
+        "info",
+        env="SWITCHBOARD_LOG_LEVEL",
+        doc="`debug`, `info`, `warning`, `error` or `critical`; at `debug`, a line per request, mediator call and delivery (`serve --log-level`)",
+    )
+    log_format: str = setting(
+        "auto",
+        env="SWITCHBOARD_LOG_FORMAT",
+        doc="`json` (one object per line), `console`, or `auto`: console on a terminal, else json. (Tracing: the standard `OTEL_*` variables)",
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

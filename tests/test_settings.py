@@ -37,6 +37,8 @@ ENV_NAMES = {
     "retry_cap_seconds": "SWITCHBOARD_RETRY_CAP",
     "retry_max_attempts": "SWITCHBOARD_RETRY_MAX_ATTEMPTS",
     "reservation_ttl_seconds": "SWITCHBOARD_RESERVATION_TTL",
+    "log_level": "SWITCHBOARD_LOG_LEVEL",
+    "log_format": "SWITCHBOARD_LOG_FORMAT",
 }
 
 

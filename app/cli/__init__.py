@@ -24,6 +24,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-migrate", action="store_true", help="do not run migrations on start")
     serve.add_argument("--backlog", type=int, default=4096)
     serve.add_argument("--backpressure", type=int, default=20000, help="max connections served at once")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
+                       help="overrides SWITCHBOARD_LOG_LEVEL (default info), for every worker")  # fmt: skip
     serve.set_defaults(fn=cmd_serve)
 
     migrate = sub.add_parser("migrate", help="apply alembic migrations")

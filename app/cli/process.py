@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from app import logs, observe
 from app.db import Database, EmbeddedPostgres
 from app.settings import get_settings
 
@@ -36,6 +37,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.ports import IN_USE, port_in_use
     from app.supervise import serve_http
 
+    if args.log_level:  # the workers read it from the environment
+        os.environ["SWITCHBOARD_LOG_LEVEL"] = args.log_level
+        get_settings.cache_clear()
+    logs.setup_logging(get_settings())
     if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
         print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
         return 1
@@ -72,6 +77,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     async def main(url: str) -> None:
         settings = get_settings()
+        observe.setup_tracing()
         db = await Database(url, max_size=settings.db_pool_size).connect()
         relay = Relay(bootstrap(settings, db))
         loop = asyncio.get_running_loop()
@@ -83,7 +89,9 @@ def cmd_relay(args: argparse.Namespace) -> int:
         await stop.wait()
         await relay.stop()
         await db.close()
+        observe.shutdown_tracing()
 
+    logs.setup_logging(get_settings())
     with database_url() as (url, _):
         asyncio.run(main(url))
     return 0
