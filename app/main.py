@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 from litestar import Litestar, MediaType, Response, get
 from litestar.di import Provide
+from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -132,6 +133,10 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
             "db": Provide(runtime.db, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
+        # the root logger is app/logs.py's: litestar's default adds a plain-text handler of its own
+        logging_config=LoggingConfig(
+            configure_root_logger=False, loggers={"litestar": {"level": "INFO", "handlers": [], "propagate": True}}
+        ),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(title="Switchboard", version="0.1.0", path="/schema"),
     )
