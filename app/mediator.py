@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 import aiobreaker
 
+from app import context, observe
 from app.conflicts import BACKOFF_STEP, retry_on_conflict
 from app.deadlines import DEADLINE, DEADLINE_MARGIN, Deadlines
 from app.messages import (
@@ -30,7 +31,6 @@ from app.messages import (
     Unavailable,
 )
 from app.metrics import METRICS
-from app.observe import Call
 
 Handler = Callable[..., Awaitable[Any]]
 
@@ -47,7 +47,7 @@ class Bulkhead:
 class Route:
     """Everything a call of one message type needs, looked up once at start-up."""
 
-    __slots__ = ("module", "handler", "timeout", "breaker", "watch", "bulkhead", "stats")
+    __slots__ = ("module", "handler", "timeout", "breaker", "watch", "bulkhead", "stats", "scope")
 
     def __init__(self, module: str, handler, timeout, breaker, watch, bulkhead, message: str) -> None:
         self.module = module
@@ -57,6 +57,7 @@ class Route:
         self.watch = watch
         self.bulkhead = bulkhead
         self.stats = METRICS.of(module, message)
+        self.scope = (module, message)  # (module, message type): app/context.py's scope while it runs
 
 
 class _BreakerWatch(aiobreaker.CircuitBreakerListener):
@@ -168,7 +169,8 @@ class Mediator:
         self.in_flight += 1
         started = time.perf_counter()
         outcome = "error"
-        call = Call(route.module, message)  # its log scope, and its span when tracing (app/observe.py)
+        scope = context.scope.set(route.scope)  # what its log lines name; a span only when tracing
+        span = observe.call_span(route.scope) if observe.TRACING else None
         try:
             # The state call_async would act on: captured before the call, judged after it.
             state = route.watch.state
@@ -203,7 +205,9 @@ class Mediator:
             bulkhead.in_flight -= 1
             self.in_flight -= 1
             stats.record(outcome, time.perf_counter() - started)
-            call.end(outcome, started)
+            if span is not None or observe.DEBUG:
+                observe.end_call(span, outcome, started)
+            context.scope.reset(scope)
 
     async def _run(self, route: Route, message: Any) -> Any:
         loop = asyncio.get_running_loop()

@@ -133,31 +133,25 @@ def claimed(rows: list, began: int, instance_id: str) -> None:
     _tracer.start_span("relay claim", attributes=attributes, links=links, start_time=began).end()
 
 
-class Call:
-    """One mediator call's log scope and, with tracing on, its span (app/mediator.py)."""
+def call_span(scope: tuple[str, str]) -> tuple[Any, object]:
+    """A mediator call's span, made current: (span, token) for `end_call`."""
+    module, name = scope
+    span = _tracer.start_span(name, attributes={"switchboard.module": module, "switchboard.message": name})
+    return span, otel_context.attach(trace.set_span_in_context(span))
 
-    __slots__ = ("scope", "span", "attached")
 
-    def __init__(self, module: str, message: Any) -> None:
-        name = type(message).__name__
-        self.scope = context.scope.set((module, name))
-        self.span = None
-        if TRACING:
-            attributes = {"switchboard.module": module, "switchboard.message": name}
-            self.span = _tracer.start_span(name, attributes=attributes)
-            self.attached = otel_context.attach(trace.set_span_in_context(self.span))
-
-    def end(self, outcome: str, started: float) -> None:
-        if DEBUG:
-            calls_log.debug("call %s", outcome, extra={"fields": {"outcome": outcome,
-                            "seconds": round(time.perf_counter() - started, 6)}})  # fmt: skip
-        if self.span is not None:
-            otel_context.detach(self.attached)
-            self.span.set_attribute("switchboard.outcome", outcome)
-            if outcome == "error":
-                self.span.set_status(StatusCode.ERROR)
-            self.span.end()
-        context.scope.reset(self.scope)
+def end_call(span: tuple[Any, object] | None, outcome: str, started: float) -> None:
+    """End a mediator call's span with its outcome; at debug, its line (in its log scope still)."""
+    if DEBUG:
+        calls_log.debug("call %s", outcome, extra={"fields": {"outcome": outcome,
+                        "seconds": round(time.perf_counter() - started, 6)}})  # fmt: skip
+    if span is not None:
+        current, token = span
+        otel_context.detach(token)
+        current.set_attribute("switchboard.outcome", outcome)
+        if outcome == "error":
+            current.set_status(StatusCode.ERROR)
+        current.end()
 
 
 class Delivery:
