@@ -46,19 +46,16 @@ http_log = logging.getLogger("app.http")
 def setup_tracing(environ: Mapping[str, str] | None = None) -> bool:
     """Install a tracer provider and its exporter from the OTEL_* variables, once per process.
     None set (or OTEL_TRACES_EXPORTER=none, or OTEL_SDK_DISABLED=true): tracing stays off."""
-    env = os.environ if environ is None else environ
     if _provider is not None:
         return TRACING
-    if not any(name.startswith("OTEL_") for name in env):
-        return False
-    names = [n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",") if n.strip()]
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or names in ([], ["none"]):
+    kinds = exporters_configured(environ)
+    if not kinds:
         return False
     from opentelemetry.sdk.resources import SERVICE_NAME, Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    exporters = [_exporter(name, env) for name in names if name != "none"]
+    exporters = [_exporter(kind) for kind in kinds]
     resource = Resource.create()  # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
     if resource.attributes.get(SERVICE_NAME, "").startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: "switchboard"}))
@@ -70,20 +67,37 @@ def setup_tracing(environ: Mapping[str, str] | None = None) -> bool:
     return True
 
 
-def _exporter(name: str, env: Mapping[str, str]) -> Any:
-    if name == "console":
+def exporters_configured(environ: Mapping[str, str] | None = None) -> list[str]:
+    """The exporters the OTEL_* variables ask for ("console", "http/protobuf", "grpc"); none: off.
+    A value no exporter matches is a SettingsError (`serve` checks before starting workers)."""
+    env = os.environ if environ is None else environ
+    if not any(name.startswith("OTEL_") for name in env):
+        return []
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return []
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    kinds = []
+    for name in (n.strip().lower() for n in env.get("OTEL_TRACES_EXPORTER", "otlp").split(",")):
+        if name == "otlp":
+            if protocol.strip() not in ("http/protobuf", "grpc"):
+                raise SettingsError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not http/protobuf or grpc")
+            kinds.append(protocol.strip())
+        elif name == "console":
+            kinds.append(name)
+        elif name not in ("none", ""):
+            raise SettingsError(f"OTEL_TRACES_EXPORTER={name!r} is not otlp, console or none")
+    return kinds
+
+
+def _exporter(kind: str) -> Any:
+    if kind == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
         return ConsoleSpanExporter()
-    if name != "otlp":
-        raise SettingsError(f"OTEL_TRACES_EXPORTER={name!r} is not otlp, console or none")
-    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
-    if protocol.strip() == "grpc":
+    if kind == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol.strip() == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     else:
-        raise SettingsError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not http/protobuf or grpc")
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     return OTLPSpanExporter()  # endpoint, headers, timeout: OTEL_EXPORTER_OTLP_* as the SDK reads them
 
 

@@ -155,9 +155,23 @@ def test_otel_variables_pick_the_exporter_by_protocol_and_name_the_service():
     assert none == {"on": False, "provider": "ProxyTracerProvider", "threads": [], "exporters": [], "service": None}
 
 
-def test_an_unknown_exporter_or_protocol_is_one_clear_line():
-    from app.settings import SettingsError
+def serve(**env: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "app", "serve", "--port", "1"]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "SWITCHBOARD_"))} | env
+    return subprocess.run(command, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60)
 
-    for env in ({"OTEL_TRACES_EXPORTER": "zipkin"}, {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}):
-        with pytest.raises(SettingsError, match="OTEL_"):
-            observe._exporter(env.get("OTEL_TRACES_EXPORTER", "otlp"), env)
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"OTEL_TRACES_EXPORTER": "zipkin"}, "switchboard: OTEL_TRACES_EXPORTER='zipkin' is not otlp, console or none"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+         "switchboard: OTEL_EXPORTER_OTLP_PROTOCOL='http/json' is not http/protobuf or grpc"),
+        ({"SWITCHBOARD_LOG_LEVEL": "loud"},
+         "switchboard: SWITCHBOARD_LOG_LEVEL='loud' is not one of debug, info, warning, error, critical"),
+        ({"SWITCHBOARD_LOG_FORMAT": "xml"}, "switchboard: SWITCHBOARD_LOG_FORMAT='xml' is not json, console or auto"),
+    ],
+)  # fmt: skip
+def test_serve_refuses_a_bad_log_or_tracing_variable_in_one_line(env, line):
+    done = serve(**env)
+    assert (done.returncode, done.stderr.strip()) == (2, line)

@@ -41,6 +41,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["SWITCHBOARD_LOG_LEVEL"] = args.log_level
         get_settings.cache_clear()
     logs.setup_logging(get_settings())
+    observe.exporters_configured()  # a bad OTEL_* value: one line now, not a crash in every worker
     if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
         print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
         return 1
