@@ -70,7 +70,9 @@ def setup_logging(settings: Settings, stream: Any = None) -> None:
     if fmt == "json":
         renderer: list = [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:
-        renderer = [structlog.dev.ConsoleRenderer()]
+        # plain tracebacks: rich's would print every frame's locals (tokens, rows) into the log
+        tty = (stream or sys.stderr).isatty()
+        renderer = [structlog.dev.ConsoleRenderer(colors=tty, exception_formatter=structlog.dev.plain_traceback)]
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],

@@ -77,3 +77,25 @@ async def test_retries_log_at_warning_and_dead_letters_at_error_with_the_rows_fi
         assert (line["module"], line["message"]) == ("payments", "orders.OrderPlaced"), line
         assert isinstance(line["outbox_id"], int) and line["causation_id"] and line["error"], line
     assert dead["outbox_id"] == retries[0]["outbox_id"] and isinstance(dead["dead_letter"], int)
+
+
+def test_console_lines_show_a_plain_traceback_without_the_frames_locals(settings):
+    out = io.StringIO()
+    root = logging.getLogger()
+    level, before = root.level, logs._handler
+    logs.setup_logging(replace(settings, log_format="console"), stream=out)
+    try:
+        token = "s3cret-token-value"  # noqa: F841  (a local a rich traceback would print)
+        try:
+            raise RuntimeError("broke")
+        except RuntimeError:
+            logging.getLogger("app.http").exception("request failed")
+    finally:
+        root.removeHandler(logs._handler)
+        logs._handler = before
+        if before is not None:
+            root.addHandler(before)
+        root.setLevel(level)
+    text = out.getvalue()
+    assert "request failed" in text and "RuntimeError: broke" in text and "Traceback" in text
+    assert "s3cret-token-value" not in text and "\x1b[" not in text  # no locals, no colours off a terminal
