@@ -7,6 +7,9 @@ from contextvars import ContextVar
 
 correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
 causation_id: ContextVar[str | None] = ContextVar("causation_id", default=None)
+# What is being handled, for the log lines (app/observe.py reads them when a line is written):
+scope: ContextVar[tuple[str, str] | None] = ContextVar("scope", default=None)  # (module, message type)
+delivery: ContextVar[tuple[str, int, int] | None] = ContextVar("delivery", default=None)  # (subscriber, outbox id, attempt)
 
 
 def current_correlation_id() -> str:

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import asyncpg
 import msgspec
 
-from app import context
+from app import context, observe
 from app.aggregate import Aggregate
 from app.messages import ConcurrencyError, Event
 from app.staging import Staged, columns_of, staged_insert
@@ -142,10 +142,12 @@ def append_with(staged: list[Staged], *, one: bool = False) -> str:
 
 def event_metadata() -> str:
     """The metadata an event recorded now carries: the correlation and causation ids of the
-    message being handled."""
-    return _encode(
-        {"correlation_id": context.current_correlation_id(), "causation_id": context.causation_id.get()}
-    ).decode()
+    message being handled, and with tracing on the span recording it (the relay's delivery
+    spans are its children, app/observe.py)."""
+    metadata = {"correlation_id": context.current_correlation_id(), "causation_id": context.causation_id.get()}
+    if observe.TRACING:
+        metadata["traceparent"] = observe.traceparent()
+    return _encode(metadata).decode()
 
 
 async def append(

@@ -14,7 +14,7 @@ from litestar import Request, Response
 from litestar.exceptions import ClientException, HTTPException, ValidationException
 from litestar.types import Empty
 
-from app import context
+from app import context, observe
 from app.messages import SwitchboardError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,8 @@ def request_id_middleware(app):
             request_id = uuid.uuid4().hex
         token = context.correlation_id.set(request_id)
         encoded = request_id.encode("latin-1")
+        # its span (continuing a caller's traceparent) and its debug line, only when either is on
+        observed = observe.Request(scope) if observe.TRACING or observe.DEBUG else None
 
         replaced = False
         docs = scope.get("path", "").startswith("/schema")
@@ -148,9 +150,13 @@ def request_id_middleware(app):
                     # own: every API error leaves this app as a problem document. (The dashboard's
                     # pages are HTML on purpose, its login form with a 401 among them.)
                     replaced = True
+                    if observed is not None:
+                        observed.status = message["status"]
                     await _send_problem(send, message["status"], scope.get("path", ""), encoded)
                     return
                 message["headers"] = [*headers, (REQUEST_ID, encoded)]
+                if observed is not None:
+                    observed.status = message["status"]
             elif replaced:  # the HTML page's body: already answered
                 return
             await send(message)
@@ -158,6 +164,8 @@ def request_id_middleware(app):
         try:
             await app(scope, receive, send_with_id)
         finally:
+            if observed is not None:
+                observed.end(scope)
             context.correlation_id.reset(token)
 
     return middleware

@@ -11,11 +11,13 @@ from pathlib import Path
 from litestar import Litestar, MediaType, Response, Router, get
 from litestar.di import Provide
 from litestar.exceptions import NotFoundException
+from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.static_files import create_static_files_router
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from app import logs, observe
 from app.admin import AdminController
 from app.bootstrap import System, bootstrap, load_modules
 from app.dashboard.routes import dashboard_router
@@ -49,6 +51,8 @@ class Runtime:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Litestar) -> AsyncIterator[None]:
+        logs.setup_logging(self.settings)  # once per process (each granian worker): logs, then traces
+        observe.setup_tracing()
         url = self.settings.database_url
         if url is None:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
@@ -83,6 +87,7 @@ class Runtime:
             await db.close()
             if self._embedded is not None:
                 await asyncio.to_thread(self._embedded.stop)  # atexit does not run in server workers
+            await asyncio.to_thread(observe.shutdown_tracing)  # the worker's last spans, before it exits
 
     def mediator(self):
         return self.system.mediator
@@ -190,6 +195,10 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
         },
         exception_handlers=EXCEPTION_HANDLERS,
         request_class=JSONRequest,  # strict JSON bodies: 415, 400, never a 500 or a coercion
+        # the root logger is app/logs.py's: litestar's default adds a plain-text handler of its own
+        logging_config=LoggingConfig(
+            configure_root_logger=False, loggers={"litestar": {"level": "INFO", "handlers": [], "propagate": True}}
+        ),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=openapi_config(),
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections import OrderedDict
@@ -20,15 +19,15 @@ from typing import Any, NoReturn
 
 import aiobreaker
 
+from app import context, observe
+from app.breakers import BreakerWatch, business_error
 from app.conflicts import BACKOFF_STEP, retry_on_conflict
 from app.db import CONNECTION_ERRORS
 from app.deadlines import DEADLINE, DEADLINE_MARGIN, Deadlines, deadline_in
 from app.messages import (
     Command,
-    CommandRejected,
     ConcurrencyError,
     DatabaseUnavailable,
-    NotFound,
     Query,
     SwitchboardError,
     Unavailable,
@@ -53,7 +52,9 @@ class Bulkhead:
 class Route:
     """Everything a call of one message type needs, looked up once at start-up."""
 
-    __slots__ = ("module", "handler", "timeout", "breaker", "watch", "bulkhead", "stats", "fallback", "answers")
+    __slots__ = (
+        "module", "handler", "timeout", "breaker", "watch", "bulkhead", "stats", "fallback", "answers", "scope"
+    )
 
     def __init__(self, module: str, handler, timeout, breaker, watch, bulkhead, message: str, fallback=None) -> None:
         self.module = module
@@ -65,48 +66,7 @@ class Route:
         self.stats = METRICS.of(module, message)
         self.fallback: StaleFallback | None = fallback
         self.answers: OrderedDict[Any, Any] = OrderedDict()  # the last good ones, if it has a fallback
-
-
-class _BreakerWatch(aiobreaker.CircuitBreakerListener):
-    """Follows one breaker's state changes, which aiobreaker reports to its listeners.
-
-    `state` is the breaker's state object, what `breaker.state` returns after a chain of property
-    lookups that would otherwise run on every call; `closed` says whether it is CLOSED.
-
-    `at` is when the breaker last opened, on the monotonic clock. aiobreaker stamps `opened_at` with
-    utcnow() but measures `CircuitBreakerError.time_remaining` against local now(), so its answer
-    is off by the zone's UTC offset (5 hours in New York, none at all in Tokyo)."""
-
-    def __init__(self, breaker: aiobreaker.CircuitBreaker) -> None:
-        self.at = 0.0
-        self.state = breaker.state  # its first state is set without telling the listeners
-        self.closed = self.state.state is aiobreaker.CircuitBreakerState.CLOSED
-
-    def state_change(self, breaker, old, new) -> None:
-        self.state = new
-        self.closed = new.state is aiobreaker.CircuitBreakerState.CLOSED
-        if new.state is aiobreaker.CircuitBreakerState.OPEN:
-            self.at = time.monotonic()
-
-    def remaining(self, breaker: aiobreaker.CircuitBreaker) -> float:
-        return breaker.timeout_duration.total_seconds() - (time.monotonic() - self.at)
-
-    def retry_after(self, breaker: aiobreaker.CircuitBreaker) -> int:
-        return max(1, math.ceil(self.remaining(breaker)))
-
-
-def _business_error(module: str) -> Callable[[BaseException], bool]:
-    """Errors that say nothing about the target module's health do not count against its breaker:
-    business rejections, the database's unavailability (every module shares it, and it is back
-    when it is back, not a reset time later), and a dependency's unavailability reported by
-    another module."""
-
-    def excluded(error: BaseException) -> bool:
-        if isinstance(error, (CommandRejected, NotFound, ConcurrencyError, DatabaseUnavailable)):
-            return True
-        return isinstance(error, Unavailable) and error.module is not None and error.module != module
-
-    return excluded
+        self.scope = (module, message)  # (module, message type): app/context.py's scope while it runs
 
 
 class Mediator:
@@ -133,17 +93,17 @@ class Mediator:
         for message_type in fallbacks:
             if not issubclass(message_type, Query):  # a command's effect cannot be made up
                 raise TypeError(f"{message_type.__name__} is not a Query: only queries may declare a fallback")
-        watches: dict[str, _BreakerWatch] = {}
+        watches: dict[str, BreakerWatch] = {}
         self._watches = watches
         for message_type, (module, handler) in handlers.items():
             if module not in self.breakers:
                 breaker = self.breakers[module] = aiobreaker.CircuitBreaker(
                     fail_max=breaker_fail_max,
                     timeout_duration=timedelta(seconds=breaker_reset_seconds),
-                    exclude=[_business_error(module)],
+                    exclude=[business_error(module)],
                     name=module,
                 )
-                watches[module] = _BreakerWatch(breaker)
+                watches[module] = BreakerWatch(breaker)
                 breaker.add_listener(watches[module])
                 self.bulkheads[module] = Bulkhead(bulkhead_limit)
             timeout = getattr(message_type, "timeout", None) or default_timeout
@@ -211,6 +171,8 @@ class Mediator:
         self.in_flight += 1
         started = time.perf_counter()
         outcome = "error"
+        scope = context.scope.set(route.scope)  # what its log lines name; a span only when tracing
+        span = observe.call_span(route.scope) if observe.TRACING else None
         try:
             # The state call_async would act on: captured before the call, judged after it.
             state = route.watch.state
@@ -221,7 +183,7 @@ class Mediator:
                 # Closed: run the handler directly, and go through aiobreaker only where call_async
                 # would change something. A failure: it counts it unless excluded, and may open
                 # the breaker. A success after failures: it resets the count. (Otherwise a success
-                # only notifies the listeners, and _BreakerWatch listens to state changes alone.)
+                # only notifies the listeners, and BreakerWatch listens to state changes alone.)
                 try:
                     result = await self._run(route, message)
                 except Exception as error:
@@ -245,6 +207,9 @@ class Mediator:
             bulkhead.in_flight -= 1
             self.in_flight -= 1
             stats.record(outcome, time.perf_counter() - started)
+            if span is not None or observe.DEBUG:
+                observe.end_call(span, outcome, started)
+            context.scope.reset(scope)
 
     async def _run(self, route: Route, message: Any) -> Any:
         loop = asyncio.get_running_loop()

@@ -21,7 +21,7 @@ from litestar import Request, Response, post
 from litestar.exceptions import NotAuthorizedException, NotFoundException
 from litestar.params import FromPath
 
-from app import context
+from app import context, observe
 from app.deadlines import remaining_seconds
 from app.http import check_json_media, problem
 from app.messages import CommandRejected, DatabaseUnavailable, SwitchboardError, Unavailable
@@ -142,18 +142,21 @@ class RemoteTransport:
         failure = ""
         for instance_id, base_url in endpoints:
             try:
-                async with self._session.post(f"{base_url}{INTERNAL_PATH}/{name}", data=body, headers=headers) as response:
-                    payload = await response.read()
-                    if response.status == 200:
-                        return self.catalog.decode_result(type(message), payload)
-                    error = self.catalog.error_from(response.status, payload)
-                    if isinstance(error, Unavailable) and not isinstance(error, DatabaseUnavailable):
-                        # the remote module's, not the caller's
-                        error.module = module
-                    # the shared database is down for every instance: trying the next one cannot help
-                    if isinstance(error, DatabaseUnavailable) or not (isinstance(error, Unavailable) and idempotent):
-                        raise error
-                    failure = f"{instance_id} answered {response.status}: {error.detail}"
+                with observe.span(f"remote {name}", observe.SpanKind.CLIENT, {"switchboard.instance": instance_id}):
+                    if observe.TRACING:  # the receiving instance's request span continues this trace
+                        observe.inject(headers)
+                    async with self._session.post(f"{base_url}{INTERNAL_PATH}/{name}", data=body, headers=headers) as response:
+                        payload = await response.read()
+                        if response.status == 200:
+                            return self.catalog.decode_result(type(message), payload)
+                        error = self.catalog.error_from(response.status, payload)
+                        if isinstance(error, Unavailable) and not isinstance(error, DatabaseUnavailable):
+                            # the remote module's, not the caller's
+                            error.module = module
+                        # the shared database is down for every instance: trying the next one cannot help
+                        if isinstance(error, DatabaseUnavailable) or not (isinstance(error, Unavailable) and idempotent):
+                            raise error
+                        failure = f"{instance_id} answered {response.status}: {error.detail}"
             except aiohttp.ClientConnectorError as error:
                 # The request never left: safe to try the next instance whatever the message.
                 failure = f"{instance_id} unreachable: {error}"
@@ -182,7 +185,9 @@ def caller_budget(headers: Mapping[str, str], now: float | None = None) -> float
 
 
 def internal_endpoint(token: str, get_system):
-    """The receiving side: authenticated, decodes the message, runs it through the local mediator."""
+    """The receiving side: authenticated, decodes the message, runs it through the local mediator.
+    Its trace continues the caller's: the request's span (app/http.py) takes the `traceparent`
+    the caller injected as its parent."""
     expected = token.encode()
 
     @post(f"{INTERNAL_PATH}/{{name:str}}", status_code=200, include_in_schema=False)

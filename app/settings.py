@@ -178,6 +178,16 @@ class Settings:
         unit="seconds",
         doc="orders: an `Idempotency-Key` of `POST /orders` is honoured this long (s) after its first use, then forgotten (a retry after that places a new order)",
     )
+    log_level: str = setting(
+        "info",
+        env="SWITCHBOARD_LOG_LEVEL",
+        doc="`debug`, `info`, `warning`, `error` or `critical`; at `debug`, a line per request, mediator call and delivery (`serve --log-level`)",
+    )
+    log_format: str = setting(
+        "auto",
+        env="SWITCHBOARD_LOG_FORMAT",
+        doc="`json` (one object per line), `console`, or `auto`: console on a terminal, else json. (Tracing: the standard `OTEL_*` variables)",
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Settings:

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from app import observe
 from app.aggregate import Aggregate
 from app.db import Database
 from app.eventstore import EventCatalog, append, load_sql, replay
@@ -113,23 +114,24 @@ class UnitOfWork:
     async def commit(self) -> None:
         """Write what the unit holds (events and staged rows), then, for the outermost unit, end
         the transaction and wake the relays if outbox rows were written."""
-        # One lock order for every unit: two units touching the same streams queue, not deadlock.
-        pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
-        if pending or self._staged:
-            staged, self._staged = self._staged, []
-            if self._depth > 1 or self._tx is not None:
-                await self.transaction()
-            if not pending:
-                for entry in merged(staged):
-                    await self.connection.execute(staged_insert(entry, 1), *columns_of([entry]))
-            elif await append(self.connection, self._catalog, pending, merged(staged), self.positions):
-                self._published = True
-                if self._parent is not None:
-                    self._parent._published = True
-        if self._depth <= 1 and self._parent is None:  # a child's writes commit with its parent
-            if self._tx is not None:
-                tx, self._tx = self._tx, None
-                await tx.commit()
-            if self._published:
-                self._published = False
-                self._db.outbox_written()  # committed: wake the relays
+        with observe.span("commit"):  # NOTHING with tracing off
+            # One lock order for every unit: two units touching the same streams queue, not deadlock.
+            pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
+            if pending or self._staged:
+                staged, self._staged = self._staged, []
+                if self._depth > 1 or self._tx is not None:
+                    await self.transaction()
+                if not pending:
+                    for entry in merged(staged):
+                        await self.connection.execute(staged_insert(entry, 1), *columns_of([entry]))
+                elif await append(self.connection, self._catalog, pending, merged(staged), self.positions):
+                    self._published = True
+                    if self._parent is not None:
+                        self._parent._published = True
+            if self._depth <= 1 and self._parent is None:  # a child's writes commit with its parent
+                if self._tx is not None:
+                    tx, self._tx = self._tx, None
+                    await tx.commit()
+                if self._published:
+                    self._published = False
+                    self._db.outbox_written()  # committed: wake the relays

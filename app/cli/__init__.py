@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-migrate", action="store_true", help="do not run migrations on start")
     serve.add_argument("--backlog", type=int, default=4096, help="listen backlog")
     serve.add_argument("--backpressure", type=int, default=20000, help="max connections served at once")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"],
+                       help="overrides SWITCHBOARD_LOG_LEVEL (default info), for every worker")  # fmt: skip
     serve.set_defaults(fn=cmd_serve)
 
     migrate = command(sub, "migrate", help="upgrade the schema to head, move it --to a revision, or show its status")

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from app import logs, observe
 from app.db import Database, probe
 from app.embedded import EmbeddedPostgres
 from app.settings import get_settings
@@ -51,6 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_modules(args.modules.split(","), "--modules")
     elif get_settings().modules:
         check_modules(get_settings().modules, "SWITCHBOARD_MODULES")
+    if args.log_level:  # the workers read it from the environment
+        os.environ["SWITCHBOARD_LOG_LEVEL"] = args.log_level
+        get_settings.cache_clear()
+    logs.setup_logging(get_settings())
+    observe.exporters_configured()  # a bad OTEL_* value: one line now, not a crash in every worker
     if port_in_use(args.host, args.port):  # before the database starts: nothing to undo
         print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
         return 1
@@ -123,6 +129,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
 
     async def main(url: str) -> None:
         settings = get_settings()
+        observe.setup_tracing()
         db = await Database(url, max_size=settings.db_pool_size).connect()
         relay = Relay(bootstrap(settings, db))
         loop = asyncio.get_running_loop()
@@ -134,7 +141,9 @@ def cmd_relay(args: argparse.Namespace) -> int:
         await stop.wait()
         await relay.stop()
         await db.close()
+        observe.shutdown_tracing()
 
+    logs.setup_logging(get_settings())
     with database_url() as (url, _):
         asyncio.run(main(url))
     return 0

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from app import observe
 from app.db import Database
 
 log = logging.getLogger("app.relay")
@@ -99,13 +100,16 @@ class Claims:
         """Claim due rows; their leases are kept from now until the batch is settled."""
         if not self.subscribers:
             return None
+        began = time.time_ns()
         async with self.db.acquire() as conn, conn.transaction():
             await conn.execute(CLAIM_SETTINGS)
             rows = await conn.fetch(
                 CLAIM_SQL, self.subscribers, self.batch_size, self.instance_id, self.lease_seconds
             )
         if not rows:
-            return None
+            return None  # no span: an idle relay polling would fill the traces with empty claims
+        if observe.TRACING:
+            observe.claimed(rows, began, self.instance_id)
         ids = [r["id"] for r in rows]
         return Batch(rows, ids, asyncio.create_task(self._keep_leases(ids)), time.monotonic())
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
+from app import logs
 from app.conflicts import retry_on_conflict
 from app.db import Database
 
@@ -107,15 +108,18 @@ async def park(
             letter = await conn.fetchval(DEAD_LETTER_SQL, *args)
     else:
         letter = await _park_compensated(compensation, row, args)
+    fields = logs.fields_of(row, _json(row["headers"])) | {"error": summary, "dead_letter": letter}
     if letter is None:
         log.warning(
             "outbox row %s (%s) failed after this relay lost its lease: %s",
             row["id"],
             row["subscriber"],
             summary,
+            extra={"fields": fields},
         )
         return None
-    log.warning("dead-lettered outbox row %s (%s) as %s: %s", row["id"], row["subscriber"], letter, summary)
+    log.error("dead-lettered outbox row %s (%s) as %s: %s", row["id"], row["subscriber"], letter, summary,
+              extra={"fields": fields})  # fmt: skip
     return letter
 
 
@@ -142,7 +146,7 @@ async def _park_compensated(compensation: Compensation, row, args: tuple) -> int
                 outcome = f"compensation failed: {type(failure).__name__}: {failure}"[:2000]
                 log.error(
                     "dead letter %s (%s): parked without compensation, %s", letter, row["subscriber"], outcome,
-                    exc_info=failure,
+                    exc_info=failure, extra={"fields": logs.fields_of(row, _json(row["headers"]))},
                 )  # fmt: skip
             await conn.execute(COMPENSATED_SQL, letter, outcome)
         await uow.commit()

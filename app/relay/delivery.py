@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import msgspec
 
-from app import context
+from app import context, observe
 from app.conflicts import retry_on_conflict
 from app.messages import ConcurrencyError, PermanentError
 from app.relay import fast
@@ -226,7 +226,8 @@ class Delivery:
             attempt=row["attempts"],
             headers=headers,
         )
-        await bound.handler(event, uow=uow, envelope=envelope)
+        with observe.Delivery(row, headers):  # its log fields, its span (parent: the event's), its debug line
+            await bound.handler(event, uow=uow, envelope=envelope)
 
 
 _decode_headers = msgspec.json.Decoder(dict[str, Any]).decode

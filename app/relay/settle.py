@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from prometheus_client import Counter, Histogram
 
-from app import context
+from app import context, logs
 from app.messages import PermanentError
 from app.relay import dead_letters
 from app.relay.policy import LeaseExpired, RetryPolicies
@@ -68,7 +68,9 @@ async def settle(system: System, outcomes: list[Outcome], policies: RetryPolicie
             retries[0].append(row["id"])
             retries[1].append(delay)
             retries[2].append(summary)
-            log.info("retrying %s for %s in %.2fs: %s", row["id"], row["subscriber"], delay, summary)
+            fields = logs.fields_of(row, _decode_headers(row["headers"])) | {"delay": round(delay, 3), "error": summary}
+            log.warning("retrying %s for %s in %.2fs: %s", row["id"], row["subscriber"], delay, summary,
+                        extra={"fields": fields})  # fmt: skip
     if retries[0]:
         await system.db.execute(RETRY_SQL, *retries, instance_id)
 
