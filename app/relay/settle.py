@@ -9,14 +9,13 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from prometheus_client import Counter, Histogram
 
-from app import context, logs
+from app import logs
 from app.messages import PermanentError
 from app.relay import dead_letters
 from app.relay.policy import LeaseExpired, RetryPolicies
-from app.wiring import Envelope
+from app.relay.rows import decode_headers, open_row
 
 if TYPE_CHECKING:
     from app.bootstrap import System
@@ -68,7 +67,7 @@ async def settle(system: System, outcomes: list[Outcome], policies: RetryPolicie
             retries[0].append(row["id"])
             retries[1].append(delay)
             retries[2].append(summary)
-            fields = logs.fields_of(row, _decode_headers(row["headers"])) | {"delay": round(delay, 3), "error": summary}
+            fields = logs.fields_of(row, decode_headers(row["headers"])) | {"delay": round(delay, 3), "error": summary}
             log.warning("retrying %s for %s in %.2fs: %s", row["id"], row["subscriber"], delay, summary,
                         extra={"fields": fields})  # fmt: skip
     if retries[0]:
@@ -84,21 +83,10 @@ def _compensation(system: System, row, summary: str) -> dead_letters.Compensatio
     compensator, timeout = bound.compensator, system.settings.relay_handler_timeout
 
     async def run(uow) -> None:
-        event = system.catalog.decode(row["type"], row["payload"])
-        headers = _decode_headers(row["headers"])
-        context.correlation_id.set(headers.get("correlation_id"))
-        context.causation_id.set(str(row["message_id"]))
-        envelope = Envelope(
-            message_id=row["message_id"],
-            position=row["position"],
-            subscriber=row["subscriber"],
-            attempt=row["attempts"],
-            headers=headers,
-        )
+        event, envelope, _ = open_row(system.catalog, row)
         async with asyncio.timeout(timeout):
             await compensator(event, uow=uow, envelope=envelope, error=summary)
 
     return dead_letters.Compensation(system.uow, run)
 
 
-_decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
