@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 
-def serve_http(host: str, port: int, *, workers: int, backlog: int, backpressure: int) -> None:
-    """Run granian until SIGINT/SIGTERM.
+def serve_http(
+    host: str, port: int, *, workers: int, backlog: int, backpressure: int, target: str = "app.main:create_app"
+) -> None:
+    """Run granian on the ASGI app factory `target` until SIGINT/SIGTERM (the benchmarks serve
+    their baseline app through this too, so both apps run under the same server settings).
 
     Without `respawn_failed_workers`, granian answers one worker's death by stopping all the
     others and returning, and `serve` then stops the embedded database it holds: one crashed
@@ -17,7 +20,7 @@ def serve_http(host: str, port: int, *, workers: int, backlog: int, backpressure
     from granian.constants import Interfaces, Loops
 
     Granian(
-        "app.main:create_app",
+        target,
         factory=True,
         address=host,
         port=port,

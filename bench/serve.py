@@ -1,5 +1,6 @@
-"""Serve an ASGI app factory with granian exactly as `switchboard serve` does (app/cli.py
-cmd_serve: ASGI, uvloop, no access log, the given workers, backlog and backpressure).
+"""Serve an ASGI app factory with granian exactly as `switchboard serve` does: through the same
+`app.supervise.serve_http` (ASGI, uvloop, no access log, failed workers respawned, the given
+workers, backlog and backpressure).
 
     python -m bench.serve bench.baseline:create_app --port 8100
     python -m bench.serve bench.serve:switchboard_without_relay --port 8101   # diagnosis only
@@ -39,21 +40,9 @@ def noop_app():
 
 
 def serve(target: str, host: str, port: int, workers: int, backlog: int, backpressure: int) -> None:
-    from granian import Granian
-    from granian.constants import Interfaces, Loops
+    from app.supervise import serve_http
 
-    Granian(
-        target,
-        factory=True,
-        address=host,
-        port=port,
-        interface=Interfaces.ASGI,
-        workers=workers,
-        loop=Loops.uvloop,
-        backlog=backlog,
-        backpressure=backpressure,
-        log_access=False,
-    ).serve()
+    serve_http(host, port, workers=workers, backlog=backlog, backpressure=backpressure, target=target)
 
 
 def main(argv: list[str] | None = None) -> None:
