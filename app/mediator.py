@@ -151,6 +151,10 @@ class Mediator:
         with deadline_in(budget):
             return await self._dispatch(message)
 
+    def route(self, message_type: type) -> Route:
+        """How a message type is dispatched (its module, deadline, breaker): for `describe` and tests."""
+        return self._routes[message_type]
+
     def open_breakers(self) -> dict[str, int]:
         """Modules whose breaker refuses calls now, and the seconds until it lets a trial call
         through. One past its reset time is not listed: its next call is the trial."""

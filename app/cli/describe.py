@@ -72,7 +72,7 @@ def describe(settings: Settings) -> dict[str, Any]:
                     "hosted": m.name in here,
                     "handler": _name(handler),
                     # the deadline the mediator applies: the message's own timeout or the default
-                    "deadline_seconds": system.mediator._routes[message_type].timeout,
+                    "deadline_seconds": system.mediator.route(message_type).timeout,
                 })  # fmt: skip
     subscriptions = []
     for name, bound in system.subscriptions.items():

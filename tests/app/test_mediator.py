@@ -480,7 +480,7 @@ def test_two_modules_registering_a_handler_for_the_same_command_fail_at_start_up
 def test_fake_modules_whose_every_message_has_a_handler_boot():
     system = boot(Module(name="first", commands={Ping: noop}), Module(name="second", queries={Lookup: noop}))
 
-    assert system.mediator._routes[Ping].module == "first" and system.mediator._routes[Lookup].module == "second"
+    assert system.mediator.route(Ping).module == "first" and system.mediator.route(Lookup).module == "second"
 
 
 def test_two_modules_providing_a_dependency_of_the_same_name_fail_at_start_up():
