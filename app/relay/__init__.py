@@ -28,8 +28,9 @@ import asyncpg
 
 from app.db import OUTBOX_CHANNEL
 from app.relay import purge
+from app.relay.ack import acknowledge
 from app.relay.claims import Batch, Claims
-from app.relay.delivery import Delivery, acknowledge, groups
+from app.relay.delivery import Delivery, groups
 from app.relay.policy import RetryPolicies, backoff_delay
 from app.relay.settle import settle
 from app.relay.yield_gate import YieldGate

@@ -16,7 +16,7 @@ from app import observe
 from app.conflicts import retry_on_conflict
 from app.messages import ConcurrencyError, PermanentError
 from app.relay import fast
-from app.relay.claims import rowcount
+from app.relay.ack import ACK_WITH_INBOX_SQL, held_all  # noqa: F401  (tests read the SQL here)
 from app.relay.policy import LeaseExpired, RetryPolicies
 from app.relay.rows import open_row
 from app.relay.settle import Outcome
@@ -40,23 +40,6 @@ INBOX_SEEN_SQL = """
 SELECT message_id FROM inbox WHERE subscriber = $1 AND message_id = ANY($2::uuid[])
 """
 
-# The acknowledgement also makes its transaction commit without waiting for the WAL flush
-# (`synchronous_commit off` for this transaction only: a one-time filter, evaluated once before
-# any row). A delivery's transaction only derives state from an outbox row that is already
-# durable, and holds the effects, the inbox rows, the new events and the ack together; a crash
-# of PostgreSQL can lose the last ones committed (up to 3 x wal_writer_delay), whole -- never
-# part of one -- and their rows are then simply pending again and delivered again. Anything that
-# depended on a lost delivery is lost with it: the WAL is flushed in order, so a later flushed
-# commit flushes every earlier one. Without this, the database sessions spent most of
-# their time queued on the WAL flush.
-ACK_WITH_INBOX_SQL = """
-WITH seen AS (
-    INSERT INTO inbox (subscriber, message_id) SELECT $3, unnest($4::uuid[])
-)
-UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
-WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
-  AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'
-"""
 
 # After a handler failure its subscriber is delivered carefully (a savepoint per delivery) for
 # this long, so a subscriber that keeps failing does not keep re-running its good deliveries.
@@ -76,18 +59,6 @@ def groups(rows: list) -> list[list]:
     return [
         rows[i : i + GROUP_SIZE] for rows in by_subscriber.values() for i in range(0, len(rows), GROUP_SIZE)
     ]
-
-
-async def acknowledge(
-    conn: asyncpg.Connection, ids: list[int], instance_id: str, subscriber: str, applied: list
-) -> int:
-    """Mark delivered, in the deliveries' own transaction: effects and acknowledgement commit
-    together, so a crash cannot leave an applied row unacknowledged (the inbox still guards
-    the race of a relay whose lease lapsed mid-batch). `applied`: the message ids whose inbox
-    rows go in the same statement (the fast path's; the careful path wrote its own)."""
-    if not ids:
-        return 0
-    return rowcount(await conn.execute(ACK_WITH_INBOX_SQL, ids, instance_id, subscriber, applied))
 
 
 def _lost_race(error: BaseException) -> bool:
@@ -174,6 +145,7 @@ class Delivery:
                         done.append(row["id"])
                     if appended or i == len(rows) - 1:
                         acknowledged = await self.acknowledge(conn, done, rows[0]["subscriber"], [])
+                        held_all(acknowledged, done)
                         await uow.commit()
                         self.delivered += acknowledged
                         durable, done = len(outcomes), []

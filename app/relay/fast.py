@@ -14,6 +14,7 @@ from app.aggregate import Aggregate
 from app.db import Database
 from app.eventstore import EventCatalog, append, event_metadata
 from app.messages import ConcurrencyError
+from app.relay.ack import held_all
 from app.relay.settle import Outcome
 from app.staging import Staged, columns_of, merged, staged_insert
 from app.uow import UnitOfWork
@@ -108,6 +109,7 @@ async def run(
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
             ids = [o.row["id"] for o in outcomes]
             acknowledged = await delivery.acknowledge(conn, ids, subscriber, applied)
+            held_all(acknowledged, ids)  # else roll the run back: a stalled relay commits nothing
             published = await _write(shared, outcomes, began)
         if published:
             db.outbox_written()  # committed: wake the relays
