@@ -14,6 +14,8 @@ from prometheus_client import Counter, Histogram
 from app import logs
 from app.messages import PermanentError
 from app.relay import dead_letters
+from app.relay.ack import LeaseLost
+from app.relay.claims import RELEASE_SQL
 from app.relay.policy import LeaseExpired, RetryPolicies
 from app.relay.rows import decode_headers, open_row
 
@@ -52,10 +54,14 @@ async def settle(system: System, outcomes: list[Outcome], policies: RetryPolicie
             DELIVERED.labels(o.row["subscriber"]).inc()
             LAG.observe(float(o.row["age"]) + o.seconds)
     retries: tuple[list, list, list] = ([], [], [])
+    handed_back: list[int] = []
     for outcome in outcomes:
         if outcome.error is None:
             continue
         row, error = outcome.row, outcome.error
+        if isinstance(error, LeaseLost):  # no outcome was reached: not an attempt, not a failure
+            handed_back.append(row["id"])
+            continue
         policy = policies[row["subscriber"]]
         summary = f"{type(error).__name__}: {error}"[:2000]
         if isinstance(error, (PermanentError, LeaseExpired)) or policy.exhausted(row["attempts"]):
@@ -72,6 +78,10 @@ async def settle(system: System, outcomes: list[Outcome], policies: RetryPolicie
                         extra={"fields": fields})  # fmt: skip
     if retries[0]:
         await system.db.execute(RETRY_SQL, *retries, instance_id)
+    if handed_back:
+        # The rows still ours go back without spending the attempt; the others are another relay's.
+        log.info("relay %s: handing back %d row(s) after a lease was lost", instance_id, len(handed_back))
+        await system.db.execute(RELEASE_SQL, handed_back, instance_id)
 
 
 def _compensation(system: System, row, summary: str) -> dead_letters.Compensation | None:

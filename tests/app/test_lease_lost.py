@@ -49,4 +49,5 @@ async def test_a_stalled_relay_that_lost_one_row_of_two_commits_neither(db, sett
     assert await effects(db) == 0  # the row A still held is not applied without the other's rollback
     kept = max(batch.ids)
     assert await db.fetchval("SELECT status FROM outbox WHERE id = $1", kept) == "pending"
-    assert await db.fetchval("SELECT locked_by FROM outbox WHERE id = $1", kept) is None  # back for a retry
+    assert await db.fetchval("SELECT locked_by FROM outbox WHERE id = $1", kept) is None  # handed back
+    assert await db.fetchval("SELECT attempts FROM outbox WHERE id = $1", kept) == 0  # no attempt spent
