@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 from uuid import UUID
 
+from app.periodic import every
 from app.settings import Settings
 from app.uow import UnitOfWork
 from modules.inventory.aggregate import Stock
 from modules.inventory.commands import AddStock, ReserveStock, UnknownSku
 from modules.inventory.queries import GetStockLevel, StockLevelView
 from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
-
-log = logging.getLogger(__name__)
 
 RESERVATION_COLUMNS = {"order_id": "uuid", "sku": "text", "quantity": "int"}
 
@@ -103,12 +100,7 @@ async def release_orphaned_reservations(new_uow: Callable[[], UnitOfWork], setti
     and is released. The TTL must outlast the payment subscription's whole retry budget; a capture
     that still comes later takes the units again (commit_reservation)."""
     ttl = settings.reservation_ttl_seconds
-    while True:
-        await asyncio.sleep(min(max(ttl / 4, 0.05), 15))
-        try:
-            await release_expired(new_uow, ttl)
-        except Exception:  # keep sweeping; the next round retries
-            log.exception("reservation sweep failed")
+    await every(min(max(ttl / 4, 0.05), 15), lambda: release_expired(new_uow, ttl), "reservation sweep")
 
 
 async def release_expired(new_uow: Callable[[], UnitOfWork], ttl: float) -> int:

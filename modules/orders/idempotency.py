@@ -4,9 +4,7 @@ A key is honoured for SWITCHBOARD_IDEMPOTENCY_RETENTION after its first use, the
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 from datetime import datetime
 from uuid import UUID
 
@@ -14,6 +12,7 @@ import msgspec
 
 from app.db import Database
 from app.messages import CommandRejected
+from app.periodic import every
 from app.settings import Settings
 from modules.orders.commands import (
     EarlierRejection,
@@ -22,8 +21,6 @@ from modules.orders.commands import (
     OrderAccepted,
     PlaceOrder,
 )
-
-log = logging.getLogger(__name__)
 
 STALE_SECONDS = 60  # a claim this old with no outcome was left by a dead process: take it over
 
@@ -123,9 +120,4 @@ async def forget_expired_keys(db: Database, settings: Settings) -> None:
     order ever placed. A round every tenth of the retention (at most a minute apart), so a key
     outlives its period by at most that and the table's size holds steady between rounds."""
     retention = settings.idempotency_retention_seconds
-    while True:
-        await asyncio.sleep(min(max(retention / 10, 0.05), 60))
-        try:
-            await forget_expired(db, retention)
-        except Exception:  # keep sweeping; the next round retries
-            log.exception("idempotency key sweep failed")
+    await every(min(max(retention / 10, 0.05), 60), lambda: forget_expired(db, retention), "idempotency key sweep")
