@@ -39,6 +39,12 @@ class P1Config:
     # Seconds a target's ladder may take (steps, retries and the waits for quiet between them):
     # once spent, no further step starts. None: no limit. quick sets one to stay under 3 minutes.
     ladder_budget: float | None = None
+    # Sustained (bench/sustained.py): a step passes only if, besides the P1 criterion, at most
+    # `backlog_seconds` x rate x `rows_per_order` outbox rows are undelivered at its end; each
+    # step starts once the previous one's rows are delivered. None: P1 (requests only).
+    rows_per_order: float | None = None
+    backlog_seconds: float = 1.0
+    measurement: str = "p1"
 
 
 def passed(result: StepResult) -> bool:
@@ -91,7 +97,7 @@ async def run_target(
     log_dir,
 ) -> list[dict]:
     """Start one server, hold the connections, run the ladder, stop it. Returns the step records."""
-    url = await server.fresh(f"bench_p1_{target.replace('-', '_')}")
+    url = await server.fresh(f"bench_{config.measurement}_{target.replace('-', '_')}")
     skus = env.sku_names(config.skus)
     await env.seed_stock(url, skus, config.stock_per_sku)
     serve_args = [
@@ -112,42 +118,68 @@ async def run_target(
         command = [sys.executable, "-m", "bench.serve", "bench.serve:switchboard_without_relay", *serve_args]
     proc = env.ServerProcess(target, command, env.server_env(url), log_dir / f"{target}.log")
     base = f"http://127.0.0.1:{port}"
-    records: list[dict] = []
     proc.start()
-    stats_conn = None
-    gen = None
     try:
         await proc.wait_ready(base + "/health/ready")
         if target.startswith("switchboard"):  # the seeded stock reads back through the app
             level = await asyncio.to_thread(env.get_json, f"{base}/inventory/items/{skus[0]}")
             assert level["available"] == config.stock_per_sku, level
+        roots = {"server": proc.pid, "postgres": server.postmaster_pid}
+        return await run_ladder(target, base, url, skus, roots, config, emit, server_pid=proc.pid)
+    finally:
+        await asyncio.sleep(0.2)
+        code = await asyncio.to_thread(proc.stop)
+        if code not in (0, None, -15):
+            print(f"{target} exited with {code}; log tail:\n{proc.tail()}", file=sys.stderr)
+
+
+async def run_ladder(
+    target: str,
+    base: str,
+    url: str,
+    skus: list[str],
+    roots: dict[str, int | None],
+    config: P1Config,
+    emit: Callable[[dict], None],
+    server_pid: int | None = None,
+) -> list[dict]:
+    """Hold the connections to `base` (one server, or nginx in front of several) and climb the
+    ladder. `roots` name the process trees whose CPU each step reports; those other than
+    "postgres" are waited on to go quiet between steps. Returns the step records."""
+    quiet_pids = [pid for name, pid in roots.items() if name != "postgres" and pid]
+    records: list[dict] = []
+    stats_conn = None
+    gen = None
+    measurement = config.measurement
+    host = base.removeprefix("http://")
+    try:
         stats_conn = await asyncpg.connect(url)
-        gen = LoadGenerator(
-            base + "/orders", order_requests(f"127.0.0.1:{port}", skus), connections=config.connections
-        )
+        gen = LoadGenerator(base + "/orders", order_requests(host, skus), connections=config.connections)
         opened = await gen.connect()
-        emit({"measurement": "p1_connect", "target": target, "server_pid": proc.pid, **opened})
+        emit({"measurement": f"{measurement}_connect", "target": target, "server_pid": server_pid, **opened})
         if opened["connections_open"] < config.connections:
             print(
                 f"warning: {target}: only {opened['connections_open']} of {config.connections} connections opened",
                 file=sys.stderr,
             )
-        meter = env.CpuMeter({"server": proc.pid, "postgres": server.postmaster_pid})
+        meter = env.CpuMeter(roots)
         if config.warmup > 0:
             warm = await gen.run_step(config.rates[0], config.warmup, drain_timeout=config.drain_timeout)
-            emit({"measurement": "p1_warmup", "target": target, **_brief(warm)})
+            emit({"measurement": f"{measurement}_warmup", "target": target, **_brief(warm)})
         plan = sorted(config.rates)
         tested: list[tuple[float, bool]] = []
         refined = False
         cooldown = 0.0
         attempts: dict[float, int] = {}
         ladder_started = time.perf_counter()
+        if config.rows_per_order is not None and config.warmup > 0:
+            cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
         while plan:
             spent = time.perf_counter() - ladder_started
             if config.ladder_budget is not None and tested and spent > config.ladder_budget:
                 emit(
                     {
-                        "measurement": "p1_budget_spent",
+                        "measurement": f"{measurement}_budget_spent",
                         "target": target,
                         "seconds": round(spent, 1),
                         "skipped_rates": plan,
@@ -159,15 +191,15 @@ async def run_target(
             # keep the count: reopen what was lost, and what the server would close mid-step
             opened = await gen.refresh(max(0.0, SERVER_IDLE_CLOSE_S - config.duration - IDLE_MARGIN_S))
             if opened["connections_reopened"] or opened["connections_open"] < config.connections:
-                emit({"measurement": "p1_reconnect", "target": target, **opened})
+                emit({"measurement": f"{measurement}_reconnect", "target": target, **opened})
             before = await _db_stats(stats_conn)
             spy = (
                 await _start_profile(
-                    proc.pid,
+                    server_pid,
                     config.duration,
                     env.RESULTS / f"profile-{target}-{rate:g}-{time.strftime('%H%M%S')}.txt",
                 )
-                if config.profile
+                if config.profile and server_pid
                 else None
             )
             waits = asyncio.create_task(_sample_waits(url))
@@ -180,7 +212,7 @@ async def run_target(
             if spy is not None:
                 emit(
                     {
-                        "measurement": "p1_profile",
+                        "measurement": f"{measurement}_profile",
                         "target": target,
                         "rate": rate,
                         **await _finish_profile(*spy),
@@ -188,7 +220,7 @@ async def run_target(
                 )
             ok = passed(result)
             record = {
-                "measurement": "p1",
+                "measurement": measurement,
                 "target": target,
                 **result.as_dict(),
                 **cpu,
@@ -204,19 +236,32 @@ async def run_target(
                 "cooldown_before_s": round(cooldown, 1),
                 "refinement": refined and rate not in config.rates,
                 "attempt": attempts[rate],
-                "passed": ok,
             }
+            if config.rows_per_order is not None:
+                allowed = config.backlog_seconds * rate * config.rows_per_order
+                record.update(
+                    requests_passed=ok,
+                    outbox_undelivered_before=before["outbox_rows"],
+                    outbox_undelivered_after=after["outbox_rows"],
+                    outbox_undelivered_allowed=round(allowed),
+                    rows_per_order=config.rows_per_order,
+                )
+                ok = ok and after["outbox_rows"] <= allowed
+            record["passed"] = ok
             emit(record)
             records.append(record)
             tested.append((rate, ok))
             cooldown = 0.0
             if ok:
-                await asyncio.sleep(1.0)
+                if config.rows_per_order is not None:  # the next step starts with the outbox delivered
+                    cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
+                else:
+                    await asyncio.sleep(1.0)
                 continue
             # This machine is shared and noisy: a failed rate gets one more try, once the server
             # has gone quiet again, and fails only if that fails too (both targets alike).
             if attempts[rate] == 1 and config.retry_failed:
-                cooldown = await _quiet(proc.pid, limit=_quiet_limit(config, ladder_started))
+                cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
                 plan.insert(0, rate)
                 continue
             # The first failure ends the ladder, after at most one step between the highest
@@ -226,7 +271,7 @@ async def run_target(
                 mid = round((low + rate) / 2 / 25) * 25
                 if low < mid < rate:
                     refined = True
-                    cooldown = await _quiet(proc.pid, limit=_quiet_limit(config, ladder_started))
+                    cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
                     plan = [mid]
                     continue
             break
@@ -235,10 +280,6 @@ async def run_target(
             gen.close()
         if stats_conn is not None:
             await stats_conn.close()
-        await asyncio.sleep(0.2)
-        code = await asyncio.to_thread(proc.stop)
-        if code not in (0, None, -15):
-            print(f"{target} exited with {code}; log tail:\n{proc.tail()}", file=sys.stderr)
     return records
 
 
@@ -311,14 +352,15 @@ def _quiet_limit(config: P1Config, ladder_started: float) -> float:
     return max(0.0, min(QUIET_LIMIT_S, config.ladder_budget - (time.perf_counter() - ladder_started)))
 
 
-async def _quiet(pid: int, limit: float, below: float = 0.15) -> float:
-    """Wait until the server tree uses < `below` cores over half a second (the queue left by
-    an overloaded step is drained, the relay caught up), at most `limit` s. Returns the wait."""
+async def _quiet(pids: list[int], limit: float, below: float = 0.15) -> float:
+    """Wait until the server trees use < `below` cores (each) over half a second (the queue left
+    by an overloaded step is drained, the relay caught up), at most `limit` s. Returns the wait."""
     started = time.perf_counter()
+    roots = {str(pid): pid for pid in pids}
     while time.perf_counter() - started < limit:
-        a = env.tree_cpu({"s": pid}).get("s", 0.0)
+        a = sum(env.tree_cpu(roots).values())
         await asyncio.sleep(0.5)
-        if env.tree_cpu({"s": pid}).get("s", 0.0) - a < below * 0.5:
+        if sum(env.tree_cpu(roots).values()) - a < below * 0.5 * max(len(pids), 1):
             break
     return time.perf_counter() - started
 
