@@ -28,7 +28,8 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
     kinds = {r["measurement"] for r in records}
-    assert {"setup", "p1", "p2_relay_throughput", "p2_relay_lag", "mediator_cost", "summary"} <= kinds
+    assert {"setup", "p1", "sustained", "sustained_rate", "drain_place", "drain_relay"} <= kinds
+    assert {"p2_relay_throughput", "p2_relay_lag", "mediator_cost", "summary"} <= kinds
     assert [(r["rate"], r["target"]) for r in records if r["measurement"] == "p1"] == [
         (20, "switchboard"),
         (20, "baseline"),
@@ -45,6 +46,23 @@ def test_bench_smoke(tmp_path: Path) -> None:
     summary = records[-1]
     assert summary["measurement"] == "summary" and summary["mediator_us"] > summary["direct_call_us"]
     assert "capacity:" in done.stdout and "target relay_throughput" in done.stdout
+    # sustained: the whole flow at 20 orders/s, judged with the outbox rows left undelivered
+    steps = [r for r in records if r["measurement"] == "sustained"]
+    assert [r["rate"] for r in steps] == [20] and steps[0]["passed"], steps
+    assert steps[0]["outbox_undelivered_allowed"] == 20 * steps[0]["rows_per_order"]
+    assert summary["sustained_rps"] == 20 and summary["outbox_undelivered_at_end"] == 0
+    # the rows per order counted from the wiring are what the orders wrote
+    assert summary["rows_per_order_measured"] == summary["sustained_rows_per_order"] > 0
+    # the async side's CPU per order, both halves measured
+    assert summary["async_cpu_ms_per_order"] > 0 and summary["request_cpu_ms_per_order"] > 0
+    assert summary["async_deliveries_per_order"] == summary["sustained_rows_per_order"]
+    for line in (
+        "Issue 14: the whole flow keeps pace",
+        "sustained rate",
+        "request capacity",
+        "async CPU per order",
+    ):
+        assert line in done.stdout, line
 
 
 def test_drain_smoke() -> None:
