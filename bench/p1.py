@@ -206,6 +206,8 @@ async def run_ladder(
             meter.start()
             result = await gen.run_step(rate, config.duration, drain_timeout=config.drain_timeout)
             cpu = meter.stop()
+            if "cpu_server" not in cpu:  # several replicas (bench.replicas_knee): their sum too
+                cpu["cpu_server"] = round(sum(v for k, v in cpu.items() if k.startswith("cpu_server_")), 3)
             waits.cancel()
             db_waits = await waits
             after = await _db_stats(stats_conn)

@@ -100,18 +100,20 @@ def find_nginx() -> str:
 
 
 def render_conf(template: str, listen_port: int, ports: list[int]) -> str:
-    """deploy/nginx.conf with the upstream `server 127.0.0.1:P …` lines and `listen 127.0.0.1:P`
-    pointed at these ports; everything else as it is."""
-    remaining = iter(ports)
+    """deploy/nginx.conf with one upstream `server 127.0.0.1:P …` line per port (the first line's
+    options on each) and `listen 127.0.0.1:P` pointed at these ports; everything else as it is."""
+    found = re.findall(r"^(\s*server\s+)127\.0\.0\.1:\d+(.*)$", template, flags=re.MULTILINE)
+    if not found:
+        raise SystemExit(f"bench.replicas: {TEMPLATE} has no upstream `server 127.0.0.1:…` line")
+    head, options = found[0]
+    block = "".join(f"{head}127.0.0.1:{port}{options}\n" for port in ports)
+    seen: list[int] = []
 
     def upstream(match: re.Match) -> str:
-        return f"{match.group(1)}127.0.0.1:{next(remaining)}"
+        seen.append(1)
+        return block if len(seen) == 1 else ""  # the template's lines become this one block
 
-    text, servers = re.subn(r"^(\s*server\s+)127\.0\.0\.1:\d+", upstream, template, flags=re.MULTILINE)
-    if servers != len(ports):
-        raise SystemExit(
-            f"bench.replicas: {TEMPLATE} has {servers} upstream server lines, expected {len(ports)}"
-        )
+    text = re.sub(r"^\s*server\s+127\.0\.0\.1:\d+.*\n", upstream, template, flags=re.MULTILINE)
     text, listens = re.subn(
         r"^(\s*listen\s+)127\.0\.0\.1:\d+", rf"\g<1>127.0.0.1:{listen_port}", text, flags=re.MULTILINE
     )
