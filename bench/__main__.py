@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from bench import env, sustained
-from bench.drain import DELIVERIES_PER_ORDER
 from bench.loadgen import raise_nofile, run
 from bench.p1 import P1Config, capacity
 from bench.remote import RemoteConfig
@@ -74,11 +73,13 @@ class Profile:
     drain_concurrency: int = 32
 
 
-def keeps_up(records: list[dict], deliveries_per_order: int = DELIVERIES_PER_ORDER) -> float:
+def keeps_up(records: list[dict], deliveries_per_order: int | None = None) -> float:
     """The highest passing rate at which switchboard's outbox backlog grew by less than 5% of the
     rows the step's orders created (1 s of them over a 20 s step): the async side kept pace with
     the requests. P1's capacity only needs the request path to meet its p99; this says whether
     the rest followed."""
+    if deliveries_per_order is None:  # counted from the wiring, as the sustained criterion does
+        deliveries_per_order = sustained.rows_per_order()
     best = 0.0
     for r in records:
         grew = r["outbox_pending_after"] - r["outbox_pending_before"]
