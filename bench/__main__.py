@@ -716,9 +716,12 @@ def issue14_block(s: dict) -> list[str]:
 
     lines = ["Issue 14: the whole flow keeps pace"]
     if "sustained_rps" in s:
-        bound = ">= " if s.get("sustained_is_lower_bound") else ""
+        if s["sustained_rps"]:
+            rate = (">= " if s.get("sustained_is_lower_bound") else "") + f"{s['sustained_rps']:g}"
+        else:
+            rate = f"< {s.get('sustained_lowest_rate', 0):g} (no rate passed)"
         lines.append(
-            f"  sustained rate      {bound}{s['sustained_rps']:g} orders/s   (target >= {TARGETS['sustained_rps']:g}"
+            f"  sustained rate      {rate} orders/s   (target >= {TARGETS['sustained_rps']:g}"
             f" orders/s, {s['sustained_connections']} connections)  {state('sustained')}"
         )
     if "switchboard_capacity_rps" in s:

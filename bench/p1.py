@@ -172,8 +172,17 @@ async def run_ladder(
         cooldown = 0.0
         attempts: dict[float, int] = {}
         ladder_started = time.perf_counter()
+
+        async def settle() -> float:
+            limit = _quiet_limit(config, ladder_started)
+            if config.rows_per_order is None:
+                return await _quiet(quiet_pids, limit=limit)
+            # sustained: judged on the database, not guessed from the server's CPU (on a
+            # saturated machine the server stays below any threshold while its relay still works)
+            return await _delivered(stats_conn, limit=limit)
+
         if config.rows_per_order is not None and config.warmup > 0:
-            cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
+            cooldown = await settle()
         while plan:
             spent = time.perf_counter() - ladder_started
             if config.ladder_budget is not None and tested and spent > config.ladder_budget:
@@ -256,14 +265,14 @@ async def run_ladder(
             cooldown = 0.0
             if ok:
                 if config.rows_per_order is not None:  # the next step starts with the outbox delivered
-                    cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
+                    cooldown = await settle()
                 else:
                     await asyncio.sleep(1.0)
                 continue
             # This machine is shared and noisy: a failed rate gets one more try, once the server
             # has gone quiet again, and fails only if that fails too (both targets alike).
             if attempts[rate] == 1 and config.retry_failed:
-                cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
+                cooldown = await settle()
                 plan.insert(0, rate)
                 continue
             # The first failure ends the ladder, after at most one step between the highest
@@ -273,7 +282,7 @@ async def run_ladder(
                 mid = round((low + rate) / 2 / 25) * 25
                 if low < mid < rate:
                     refined = True
-                    cooldown = await _quiet(quiet_pids, limit=_quiet_limit(config, ladder_started))
+                    cooldown = await settle()
                     plan = [mid]
                     continue
             break
@@ -364,6 +373,19 @@ async def _quiet(pids: list[int], limit: float, below: float = 0.15) -> float:
         await asyncio.sleep(0.5)
         if sum(env.tree_cpu(roots).values()) - a < below * 0.5 * max(len(pids), 1):
             break
+    return time.perf_counter() - started
+
+
+DELIVERABLE_SQL = "SELECT count(*) FROM outbox WHERE status IN ('pending', 'inflight')"
+
+
+async def _delivered(conn: asyncpg.Connection, limit: float, every: float = 0.5) -> float:
+    """Wait until no outbox row is left to deliver (dead and blocked rows never will be), at most
+    `limit` s. A delivery commits the rows it causes with its acknowledgement, so none is left
+    to come either. Returns the wait."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit and await conn.fetchval(DELIVERABLE_SQL):  # noqa: ASYNC110 (polls the database)
+        await asyncio.sleep(every)
     return time.perf_counter() - started
 
 

@@ -91,6 +91,7 @@ async def run(
         "sustained_rows_per_order": config.rows_per_order,
         "sustained_duration_s": config.duration,
         "sustained_connections": config.connections,
+        "sustained_lowest_rate": min(config.rates),
     }
     url = with_database(server.admin_url, "bench_sustained_switchboard")
     out.update(await measured_rows_per_order(url))
