@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+from litestar._kwargs.kwargs_model import KwargsModel
 from litestar.datastructures import URL
 from prometheus_client import Histogram
 
@@ -79,3 +80,17 @@ def test_flushed_http_durations_read_back_exactly_in_multiprocess_mode(tmp_path)
     assert f"{name}_count{{{labels}}} 4.0" in out
     assert f"{name}_sum{{{labels}}} 20.0064" in out
     assert f'{name}_count{{method="other",route="unmatched",status="404"}} 1.0' in out
+
+
+async def test_placing_an_order_resolves_no_litestar_dependency(client, monkeypatch):
+    await stock(client)
+
+    async def resolve(self, *args, **kwargs):
+        raise AssertionError("a dependency resolved for POST /orders")
+
+    monkeypatch.setattr(KwargsModel, "resolve_dependencies", resolve)
+
+    placed = await place(client, "pm_card_ok")
+
+    assert placed.status_code == 201, placed.text
+    assert placed.headers["location"] == f"/orders/{placed.json()['order_id']}"
