@@ -23,8 +23,7 @@ from app.bootstrap import System, bootstrap, load_modules
 from app.dashboard.routes import dashboard_router
 from app.db import Database
 from app.embedded import EmbeddedPostgres
-from app.http import EXCEPTION_HANDLERS, JSONRequest, request_id_middleware
-from app.http_metrics import http_metrics_middleware
+from app.http import EXCEPTION_HANDLERS, JSONRequest, edge_middleware
 from app.metrics_export import Exporter
 from app.metrics_export import register as register_metrics
 from app.migrate import head_revision
@@ -203,7 +202,7 @@ def create_app(settings: Settings | None = None, *, run_relay: bool = True) -> L
         openapi_config=openapi_config(),
     )
     # Around the router, not per route: 404/405 answers, which match no route, carry the id too.
-    app.asgi_handler = http_metrics_middleware(request_id_middleware(app.asgi_handler))
+    app.asgi_handler = edge_middleware(app.asgi_handler)
     app.state.runtime = runtime
     app.state.metrics = exporter
     app.state.admin_token = settings.admin_token

@@ -97,6 +97,7 @@ class Exporter:
         self.read_process()
         if MULTIPROCESS:
             METRICS.flush()
+            HTTP_SECONDS.flush()
 
     async def scrape(self) -> bytes:
         system = self.runtime.system

@@ -7,7 +7,7 @@ from typing import Annotated
 from uuid import UUID
 
 import msgspec
-from litestar import Controller, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, HeaderParameter, JSONBody, QueryParameter
 
@@ -53,13 +53,15 @@ class OrderController(Controller):
     @post("/", status_code=201)
     async def place(
         self,
+        request: Request,
         data: JSONBody[PlaceOrderRequest],
-        mediator: NamedDependency[Mediator],
         idempotency_key: Annotated[
             str | None, HeaderParameter(name="Idempotency-Key", min_length=1, max_length=255)
         ] = None,
     ) -> Response[OrderPlacedResponse]:
-        accepted = await mediator.send(
+        # the app's mediator read straight from its state: litestar's dependency injection would
+        # resolve it again on every order, the busiest route there is
+        accepted = await request.app.state.system.mediator.send(
             PlaceOrder(
                 customer_id=data.customer_id,
                 lines=tuple(OrderLine(sku=i.sku, quantity=i.quantity) for i in data.items),
