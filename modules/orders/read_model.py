@@ -41,9 +41,9 @@ SET_STATUS_SQL = "UPDATE orders_view SET status = $2, version = version + 1, upd
 # status ends as this event set it (an OrderPlaced insert never overwrites: DO NOTHING).
 UPSERT_FROM_STREAM_SQL = """
 INSERT INTO orders_view (order_id, customer_id, status, items, payment_method, version, placed_at)
-SELECT $1, data->>'customer_id', $2, data->'lines', data->>'payment_method', 2,
+SELECT $1::uuid, data->>'customer_id', $2::text, data->'lines', data->>'payment_method', 2,
        coalesce((data->>'placed_at')::timestamptz, created_at)
-FROM events WHERE stream_id = 'order-' || $1::text AND version = 1
+FROM events WHERE stream_id = 'order-' || $1::uuid::text AND version = 1
 ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, version = orders_view.version + 1, updated_at = now()
 """
 
