@@ -35,6 +35,7 @@ class UnitOfWork:
         self._published = False  # outbox rows written, to announce once the transaction commits
         self._parent: UnitOfWork | None = None
         self._staged: list[Staged] = []
+        self._projecting = False  # inline projections are running (project)
 
     def child(self) -> UnitOfWork:
         """A unit inside this unit's open transaction, with its own identity map, that writes at
@@ -79,6 +80,12 @@ class UnitOfWork:
         if self._tx is None:
             self._tx = self.connection.transaction()
             await self._tx.start()
+        if self._projecting and self._staged:
+            # A projection about to write sees the rows staged before it (e.g. OrderPlaced's view
+            # row, then OrderPaid's update of it, in one commit): written now, not at the append.
+            staged, self._staged = self._staged, []
+            for entry in merged(staged):
+                await self._conn.execute(staged_insert(entry, 1), *columns_of([entry]))
         return self._conn
 
     async def get(self, cls: type[A], id: Any) -> A:
@@ -115,13 +122,16 @@ class UnitOfWork:
     async def project(self, events: Iterable[Event]) -> None:
         """Run the inline projections of `events` (app/wiring.py Module.projections), in order, in
         this unit: what they stage rides in the append, what they write through `transaction()`
-        commits with it, and what they raise fails the commit (nothing is written). Rows they
-        stage are written by the append, after any SQL they run: a projection must not update a
-        row another one staged in the same commit."""
+        commits with it (and sees every row staged before), and what they raise fails the commit
+        (nothing is written)."""
         projections = self._catalog.projections
-        for event in events:
-            for projection in projections.get(type(event), ()):
-                await projection(event, uow=self)
+        self._projecting = True
+        try:
+            for event in events:
+                for projection in projections.get(type(event), ()):
+                    await projection(event, uow=self)
+        finally:
+            self._projecting = False
 
     async def commit(self) -> None:
         """Write what the unit holds (events and staged rows), then, for the outermost unit, end

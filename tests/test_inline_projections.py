@@ -318,3 +318,20 @@ def test_describe_refuses_a_foreign_inline_projection_in_one_line(monkeypatch, c
         "switchboard: module 'payments' projects OrderPlaced inline, but that is not its own event: "
         "subscribe to it instead (Module(subscriptions=...))"
     ]
+
+
+async def test_an_order_placed_and_paid_in_one_commit_reads_paid(system, db):
+    """OrderPlaced's view row is staged; OrderPaid's projection updates it in the same commit, so
+    it must see the staged row (written before its SQL, not at the append)."""
+    from uuid import uuid4
+
+    from modules.orders.aggregate import Order
+
+    order_id = uuid4()
+    async with system.uow() as uow:
+        order = Order.place(order_id, "cust-1", [("sku-1", 2)], "pm_card_ok")
+        order.mark_paid()
+        uow.add(order)
+        await uow.commit()
+
+    assert await db.fetchrow("SELECT status, version FROM orders_view WHERE order_id = $1", order_id) == ("paid", 2)
