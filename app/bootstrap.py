@@ -22,6 +22,7 @@ from app.uow import UnitOfWork
 from app.wiring import Module, Subscription, inject, inject_task
 
 RELAY_PASSES = ("uow", "envelope")  # subscriber parameters the relay fills per delivery
+PROJECTION_PASSES = ("uow",)  # an inline projection's: the unit appending the event
 COMPENSATOR_PASSES = (*RELAY_PASSES, "error")  # and an on_dead_letter's: the failure's summary
 
 MODULES: tuple[str, ...] = ("inventory", "orders", "payments", "notifications")
@@ -115,6 +116,8 @@ def bootstrap(
             owners[name] = f"module {module.name!r}"
             providers[name] = provide
     providers.update(overrides or {})
+    # every module's, hosted here or not: a projection runs wherever its event is appended
+    catalog.projections = _bind_projections(modules, providers)
 
     handlers: dict[type, tuple[str, Callable]] = {}
     for module in modules:
@@ -158,9 +161,34 @@ def bootstrap(
                     bound.event_types.append(event_type)
                 else:
                     raise ValueError(f"two different subscriptions are named {sub.name!r}")
+        for sub in module.retired:  # no event routes to it: it only drains the rows already written
+            if sub.module != module.name:
+                raise ValueError(f"subscription {sub.name!r} must be named '{module.name}.<handler>'")
+            if sub.name in system.subscriptions:
+                raise ValueError(f"two different subscriptions are named {sub.name!r}")
+            handler = inject(sub.handler, providers, passed=RELAY_PASSES) if module.name in hosted else None
+            system.subscriptions[sub.name] = BoundSubscription(sub, [], handler)
         if module.name in hosted:
             system.background.extend(inject_task(task, providers) for task in module.background)
     return system
+
+
+def _bind_projections(modules: Sequence[Module], providers: Mapping[str, Callable[[], Any]]) -> dict[type, list]:
+    """Each event type's inline projections, bound, in module order. Only a module's own events:
+    another module's reach it through the outbox, as a subscription, so that its transactions
+    stay its own."""
+    projections: dict[type, list] = {}
+    for module in modules:
+        own = set(load_contract(module.contract_package).events)
+        for event_type, handlers in module.projections.items():
+            if event_type not in own:
+                raise ValueError(
+                    f"module {module.name!r} projects {getattr(event_type, '__name__', event_type)} inline, but that is not its own event: "
+                    "subscribe to it instead (Module(subscriptions=...))"
+                )
+            for handler in handlers if isinstance(handlers, (list, tuple)) else (handlers,):
+                projections.setdefault(event_type, []).append(inject(handler, providers, passed=PROJECTION_PASSES))
+    return projections
 
 
 def _check_handled(modules: Sequence[Module], handlers: Mapping[type, Any]) -> None:

@@ -23,11 +23,18 @@ _decode = msgspec.json.Decoder().decode
 
 
 class EventCatalog:
-    """Every event type by topic, and the subscription names each one fans out to."""
+    """Every event type by topic, the subscription names each one fans out to, and the inline
+    projections (bound, `await p(event, uow=uow)`) a unit runs for it before appending it."""
 
-    def __init__(self, subscribers: Mapping[type[Event], Sequence[str]], types: Sequence[type[Event]] = ()):
+    def __init__(
+        self,
+        subscribers: Mapping[type[Event], Sequence[str]],
+        types: Sequence[type[Event]] = (),
+        projections: Mapping[type[Event], Sequence[Any]] | None = None,
+    ):
         self.types: dict[str, type[Event]] = {t.topic(): t for t in (*types, *subscribers)}
         self.subscribers: dict[type[Event], tuple[str, ...]] = {t: tuple(s) for t, s in subscribers.items()}
+        self.projections: dict[type[Event], tuple[Any, ...]] = {t: tuple(p) for t, p in (projections or {}).items()}
         self._decoders = {topic: msgspec.json.Decoder(t) for topic, t in self.types.items()}
 
     def decode(self, topic: str, data: str | bytes) -> Event:

@@ -1,6 +1,7 @@
 """Unit of work: a transaction, an identity map of the aggregates it loaded (app/eventstore.py
-replays them), and a commit that appends their events with one outbox row per (event,
-subscriber) and the staged module-table rows, in one statement, then wakes the relays."""
+replays them), and a commit that runs the inline projections of their new events, appends the
+events with one outbox row per (event, subscriber) and the staged module-table rows, in one
+statement, then wakes the relays."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from app import observe
 from app.aggregate import Aggregate
 from app.db import Database
 from app.eventstore import EventCatalog, append, load_sql, replay
-from app.messages import NotFound
+from app.messages import Event, NotFound
 from app.staging import Staged, columns_of, merged, stage_entry, staged_insert
 
 A = TypeVar("A", bound=Aggregate)
@@ -34,6 +35,7 @@ class UnitOfWork:
         self._published = False  # outbox rows written, to announce once the transaction commits
         self._parent: UnitOfWork | None = None
         self._staged: list[Staged] = []
+        self._projecting = False  # inline projections are running (project)
 
     def child(self) -> UnitOfWork:
         """A unit inside this unit's open transaction, with its own identity map, that writes at
@@ -78,6 +80,12 @@ class UnitOfWork:
         if self._tx is None:
             self._tx = self.connection.transaction()
             await self._tx.start()
+        if self._projecting and self._staged:
+            # A projection about to write sees the rows staged before it (e.g. OrderPlaced's view
+            # row, then OrderPaid's update of it, in one commit): written now, not at the append.
+            staged, self._staged = self._staged, []
+            for entry in merged(staged):
+                await self._conn.execute(staged_insert(entry, 1), *columns_of([entry]))
         return self._conn
 
     async def get(self, cls: type[A], id: Any) -> A:
@@ -111,12 +119,29 @@ class UnitOfWork:
         if entry is not None:
             self._staged.append(entry)
 
+    async def project(self, events: Iterable[Event]) -> None:
+        """Run the inline projections of `events` (app/wiring.py Module.projections), in order, in
+        this unit: what they stage rides in the append, what they write through `transaction()`
+        commits with it (and sees every row staged before), and what they raise fails the commit
+        (nothing is written)."""
+        projections = self._catalog.projections
+        self._projecting = True
+        try:
+            for event in events:
+                for projection in projections.get(type(event), ()):
+                    await projection(event, uow=self)
+        finally:
+            self._projecting = False
+
     async def commit(self) -> None:
         """Write what the unit holds (events and staged rows), then, for the outermost unit, end
         the transaction and wake the relays if outbox rows were written."""
         with observe.span("commit"):  # NOTHING with tracing off
             # One lock order for every unit: two units touching the same streams queue, not deadlock.
             pending = sorted((a for a in self._seen.values() if a.pending_events), key=lambda a: a.stream_id)
+            if pending and self._catalog.projections:
+                for aggregate in pending:
+                    await self.project(aggregate.pending_events)
             if pending or self._staged:
                 staged, self._staged = self._staged, []
                 if self._depth > 1 or self._tx is not None:

@@ -72,6 +72,15 @@ class Module:
     providers: Mapping[str, Callable[[], Any]] = field(default_factory=dict)  # its own ports
     package: str | None = None  # where its commands/queries/events files live; None: modules.<name>
     fallbacks: Mapping[type[Query], StaleFallback] = field(default_factory=dict)  # queries only
+    # Inline projections of its OWN events: run by the unit of work that appends such an event,
+    # before the append and in its transaction (`projection(event, uow, ...)`; it may `uow.stage`
+    # rows, which ride in the append statement, or write through `await uow.transaction()`), so
+    # the read model is consistent at commit and no outbox row is written for it. Another
+    # module's events are a subscription's business: bootstrap refuses them here.
+    projections: Mapping[type[Event], Handler | Sequence[Handler]] = field(default_factory=dict)
+    # Subscriptions that get no new outbox rows (their events are not routed to them any more,
+    # e.g. replaced by an inline projection) but still deliver the rows already written.
+    retired: Sequence[Subscription] = ()
 
     @property
     def contract_package(self) -> str:

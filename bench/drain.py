@@ -9,8 +9,9 @@ places orders, and how fast the relay alone then delivers everything those order
    one unit of a random SKU, `pm_card_ok`), no relay running: orders/s and the CPU per order of
    this process and of PostgreSQL.
 3. **Drain**: a `Relay` with production defaults starts and delivers until no outbox row is left
-   pending — the 6 deliveries per order and the rows they cause in turn: deliveries/s, the order
-   rate that is (deliveries/s / 6), and the CPU per order again.
+   pending — the deliveries per order (DELIVERIES_PER_ORDER, from the wiring: 4) and the rows
+   they cause in turn: deliveries/s, the order rate that is (deliveries/s / DELIVERIES_PER_ORDER),
+   and the CPU per order again.
 
 Each half also reports the WAL it wrote per order (`wal_bytes_per_order`, from the server's
 insert position: the whole server's WAL, so run it alone) and, where the server has the
@@ -36,14 +37,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from app.bootstrap import bootstrap
+from app.bootstrap import bootstrap, load_modules
 from app.db import Database
 from app.relay import Relay
 from app.settings import Settings
 from bench import env
+from modules.inventory.events import ReservationCommitted, StockReserved
 from modules.orders.commands import OrderLine, PlaceOrder
+from modules.orders.events import OrderPaid, OrderPlaced
+from modules.payments.events import PaymentCaptured
 
-DELIVERIES_PER_ORDER = 6  # pm_card_ok: see bench/README.md, P1
+# What a pm_card_ok order records, in turn (see bench/README.md, P1): its deliveries are their
+# subscriptions, counted from the wiring so the figure follows it (an inline projection is none).
+PAID_ORDER_EVENTS = (StockReserved, OrderPlaced, PaymentCaptured, OrderPaid, ReservationCommitted)
+DELIVERIES_PER_ORDER = sum(
+    len(subs) for module in load_modules() for event, subs in module.subscriptions.items() if event in PAID_ORDER_EVENTS
+)
 
 
 def _own_cpu() -> float:

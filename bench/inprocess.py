@@ -31,6 +31,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -88,8 +89,10 @@ async def measure(server: env.DatabaseServer, orders: int, concurrency: int, rou
                 ).decode()
                 async with pool.acquire() as conn:
                     await conn.fetchrow(
-                        baseline.PLACE_SQL, uuid.uuid4(), f"order-{order_id}", payload, metadata, subscribers
-                    )
+                        baseline.PLACE_SQL, uuid.uuid4(), f"order-{order_id}", payload, metadata, subscribers,
+                        order_id, "c", baseline._encode([{"sku": sku, "quantity": 1}]).decode(), "pm_card_ok",
+                        datetime.now().astimezone(),
+                    )  # fmt: skip
 
         results = []
         for round_number in range(1, rounds + 1):

@@ -110,6 +110,7 @@ def test_json_lists_the_same_wiring(wiring):
         "module": "payments",
         "hosted": True,
         "events": ["orders.OrderPlaced"],
+        "retired": False,
         "handler": "modules.payments.handlers.charge_order",
         "max_attempts": 5,
         "retry_base_seconds": 0.5,

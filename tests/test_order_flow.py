@@ -77,9 +77,18 @@ async def test_placing_an_order_answers_201_with_its_location_and_position(clien
     assert response.headers["x-switchboard-position"] == str(body["position"])
 
 
-async def test_reading_an_order_after_its_position_waits_for_the_projection(client, app_relay):
+async def test_an_order_reads_placed_right_after_it_is_placed_with_no_relay_running(client):
     placed = await stocked_order(client, "pm_card_ok")
-    assert (await client.get(f"/orders/{placed['order_id']}")).status_code == 404  # no relay ran yet
+
+    response = await client.get(f"/orders/{placed['order_id']}")  # no relay ran: the view is inline
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "placed"
+    assert response.json()["items"] == [{"sku": "widget", "quantity": 2}]
+
+
+async def test_reading_an_order_after_its_position_answers_with_the_order(client, app_relay):
+    placed = await stocked_order(client, "pm_card_ok")
 
     app_relay.start()
     try:

@@ -1,7 +1,8 @@
 """`switchboard describe`: the wiring this process would run, read from the real bootstrap and the
 real app's route table rather than from a list kept by hand: modules (hosted here or remote),
-commands and queries (handler, deadline), subscriptions (events, retry policy, compensation),
-background tasks and HTTP routes. It connects to no database."""
+commands and queries (handler, deadline), subscriptions (events, retry policy, compensation;
+retired ones deliver only old rows and list no events), inline projections, background tasks
+and HTTP routes. It connects to no database."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def describe(settings: Settings) -> dict[str, Any]:
             "module": sub.module,
             "hosted": sub.module in here,
             "events": [event_type.topic() for event_type in bound.event_types],
+            "retired": not bound.event_types,  # Module.retired: no new rows, delivers the old ones
             "handler": _name(sub.handler),
             "max_attempts": policy.max_attempts,
             "retry_base_seconds": policy.base_seconds,
@@ -93,11 +95,18 @@ def describe(settings: Settings) -> dict[str, Any]:
     background = [
         {"module": m.name, "hosted": m.name in here, "task": _name(task)} for m in system.modules for task in m.background
     ]
+    projections = [
+        {"module": m.name, "hosted": m.name in here, "event": event_type.topic(), "handler": _name(handler)}
+        for m in system.modules
+        for event_type, handlers in m.projections.items()
+        for handler in (handlers if isinstance(handlers, (list, tuple)) else (handlers,))
+    ]
     return {
         "modules": modules,
         "messages": messages,
         "subscriptions": subscriptions,
         "background": background,
+        "projections": projections,
         "routes": _routes(create_app(settings, run_relay=False)),
     }
 
@@ -131,8 +140,10 @@ def render(wiring: dict[str, Any]) -> str:
         ("commands and queries", ["message", "kind", "runs", "deadline", "handler"],
          [[r["message"], r["kind"], here(r), f"{r['deadline_seconds']:g}s", r["handler"]] for r in wiring["messages"]]),
         ("subscriptions", ["subscriber", "events", "runs", "attempts", "base", "cap", "compensation", "handler"],
-         [[s["name"], ", ".join(s["events"]), here(s), s["max_attempts"], f"{s['retry_base_seconds']:g}s",
+         [[s["name"], ", ".join(s["events"]) or "(retired: old rows only)", here(s), s["max_attempts"], f"{s['retry_base_seconds']:g}s",
            f"{s['retry_cap_seconds']:g}s", s["compensation"] or "-", s["handler"]] for s in wiring["subscriptions"]]),
+        ("inline projections", ["event", "module", "runs", "handler"],
+         [[p["event"], p["module"], here(p), p["handler"]] for p in wiring["projections"]]),
         ("background tasks", ["module", "runs", "task"],
          [[t["module"], here(t), t["task"]] for t in wiring["background"]]),
         ("http routes", ["method", "path", "handler"],

@@ -57,20 +57,22 @@ class RunUnit(UnitOfWork):
         self._run = run
 
     async def commit(self) -> None:
-        """Hand the staged rows to the run, and stamp the events this delivery recorded with its
-        own correlation and causation ids (the run appends them later, in another's context)."""
+        """Run the inline projections of the events this delivery recorded, hand the staged rows
+        to the run, and stamp those events with this delivery's own correlation and causation ids
+        (the run appends them later, in another's context)."""
         run = self._run
-        run.staged.extend(self._staged)
-        self._staged = []
         metadata = None
         for aggregate in self._seen.values():
             pending = len(aggregate.pending_events)
             marks = run.stamps.get(id(aggregate))
             if pending and (marks is None or len(marks) < pending):
+                await self.project(aggregate.pending_events[len(marks or ()) :])  # new since the last commit
                 metadata = metadata or event_metadata()
                 marks = run.stamps.setdefault(id(aggregate), [])
                 marks.extend([metadata] * (pending - len(marks)))
                 run.decided = True
+        run.staged.extend(self._staged)
+        self._staged = []
 
 
 async def run(

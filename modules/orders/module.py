@@ -7,21 +7,24 @@ from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPaymentF
 from modules.orders.queries import GetOrder
 from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
-project_order_view = Subscription(read_model.VIEW, read_model.project_order_view)
-
 module = Module(
     name="orders",
     commands={PlaceOrder: handlers.place_order},
     queries={GetOrder: read_model.get_order},
+    # orders_view is written in the transaction that appends the order's events: no delivery
+    projections={
+        OrderPlaced: read_model.project_order_view,
+        OrderPaid: read_model.project_order_view,
+        OrderPaymentDeclined: read_model.project_order_view,
+        OrderPaymentFailed: read_model.project_order_view,
+    },
     subscriptions={
-        OrderPlaced: [project_order_view],
-        OrderPaid: [project_order_view],
-        OrderPaymentDeclined: [project_order_view],
-        OrderPaymentFailed: [project_order_view],
         PaymentCaptured: [Subscription("orders.mark_order_paid", handlers.mark_order_paid)],
         PaymentDeclined: [Subscription("orders.mark_order_payment_declined", handlers.mark_order_payment_declined)],
         PaymentFailed: [Subscription("orders.mark_order_payment_failed", handlers.mark_order_payment_failed)],
     },
+    # the view's old subscription: delivers the outbox rows written before it was inline
+    retired=[Subscription(read_model.VIEW, read_model.drain_order_view)],
     controllers=[api.OrderController],
     background=[idempotency.forget_expired_keys],
 )

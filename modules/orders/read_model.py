@@ -1,4 +1,5 @@
-"""orders_view: the projection behind GET /orders/{id}, fed through the outbox."""
+"""orders_view: the projection behind GET /orders/{id}, written inline -- in the transaction that
+appends the order's event (app/uow.py), so it is consistent at commit and costs no delivery."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from app.uow import UnitOfWork
 from modules.orders.events import OrderPaid, OrderPaymentDeclined, OrderPaymentFailed, OrderPlaced
 from modules.orders.queries import GetOrder, OrderLineView, OrderView
 
-VIEW = "orders.project_order_view"  # the subscription name, also the read-your-writes key
+# The view's subscription before it was projected inline: retired, it only delivers the rows
+# written before the upgrade; read-your-writes still waits for those (none are written now).
+VIEW = "orders.project_order_view"
 
 _encode = msgspec.json.Encoder().encode
 
@@ -28,11 +31,28 @@ VIEW_COLUMNS = {
     "placed_at": "timestamptz",
 }
 
+STATUS = {OrderPaid: "paid", OrderPaymentDeclined: "payment_declined", OrderPaymentFailed: "payment_failed"}
+
+SET_STATUS_SQL = "UPDATE orders_view SET status = $2, version = version + 1, updated_at = now() WHERE order_id = $1"
+
+# The row is missing only while the retired subscription's OrderPlaced row for this order, written
+# before the upgrade, is not delivered yet: write it from the stream's first event. ON CONFLICT
+# waits for a concurrent insert of that row and then updates it, so whichever lands first, the
+# status ends as this event set it (an OrderPlaced insert never overwrites: DO NOTHING).
+UPSERT_FROM_STREAM_SQL = """
+INSERT INTO orders_view (order_id, customer_id, status, items, payment_method, version, placed_at)
+SELECT $1::uuid, data->>'customer_id', $2::text, data->'lines', data->>'payment_method', 2,
+       coalesce((data->>'placed_at')::timestamptz, created_at)
+FROM events WHERE stream_id = 'order-' || $1::uuid::text AND version = 1
+ON CONFLICT (order_id) DO UPDATE SET status = excluded.status, version = orders_view.version + 1, updated_at = now()
+"""
+
 
 async def project_order_view(event: Event, uow: UnitOfWork) -> None:
+    """Inline (modules/orders/module.py): OrderPlaced's row is staged, so it rides in the append
+    statement; a status change updates the row in the appending transaction."""
     match event:
         case OrderPlaced():
-            # staged: the relay writes a run's new rows in one statement, with the run's commit
             row = (
                 event.order_id,
                 event.customer_id,
@@ -43,21 +63,17 @@ async def project_order_view(event: Event, uow: UnitOfWork) -> None:
                 event.placed_at or datetime.now(UTC),
             )
             uow.stage("orders_view", VIEW_COLUMNS, [row])
-            await uow.commit()
-        case OrderPaid():
-            await _set_status(await uow.transaction(), event.order_id, "paid")
-        case OrderPaymentDeclined():
-            await _set_status(await uow.transaction(), event.order_id, "payment_declined")
-        case OrderPaymentFailed():
-            await _set_status(await uow.transaction(), event.order_id, "payment_failed")
+        case OrderPaid() | OrderPaymentDeclined() | OrderPaymentFailed():
+            conn = await uow.transaction()
+            if await conn.execute(SET_STATUS_SQL, event.order_id, STATUS[type(event)]) == "UPDATE 0":
+                await conn.execute(UPSERT_FROM_STREAM_SQL, event.order_id, STATUS[type(event)])
 
 
-async def _set_status(conn, order_id, status: str) -> None:
-    await conn.execute(
-        "UPDATE orders_view SET status = $2, version = version + 1, updated_at = now() WHERE order_id = $1",
-        order_id,
-        status,
-    )
+async def drain_order_view(event: Event, uow: UnitOfWork) -> None:
+    """The retired subscription's handler: applies an outbox row written before the view was
+    projected inline, as the subscription did then."""
+    await project_order_view(event, uow)
+    await uow.commit()
 
 
 _items = msgspec.json.Decoder(list[OrderLineView])

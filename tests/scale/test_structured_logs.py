@@ -22,7 +22,6 @@ from tests.scale.conftest import (
 )
 
 FLOW = {  # subscriber -> the event it is delivered, for a paid order
-    "orders.project_order_view": {"orders.OrderPlaced", "orders.OrderPaid"},
     "payments.charge_order": {"orders.OrderPlaced"},
     "orders.mark_order_paid": {"payments.PaymentCaptured"},
     "inventory.commit_reservation": {"payments.PaymentCaptured"},
