@@ -37,22 +37,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from app.bootstrap import bootstrap, load_modules
+from app.bootstrap import bootstrap
 from app.db import Database
 from app.relay import Relay
 from app.settings import Settings
 from bench import env
-from modules.inventory.events import ReservationCommitted, StockReserved
+from bench.sustained import rows_per_order
 from modules.orders.commands import OrderLine, PlaceOrder
-from modules.orders.events import OrderPaid, OrderPlaced
-from modules.payments.events import PaymentCaptured
 
-# What a pm_card_ok order records, in turn (see bench/README.md, P1): its deliveries are their
-# subscriptions, counted from the wiring so the figure follows it (an inline projection is none).
-PAID_ORDER_EVENTS = (StockReserved, OrderPlaced, PaymentCaptured, OrderPaid, ReservationCommitted)
-DELIVERIES_PER_ORDER = sum(
-    len(subs) for module in load_modules() for event, subs in module.subscriptions.items() if event in PAID_ORDER_EVENTS
-)
+# Counted from the wiring (bench/sustained.py), so the figure follows it (an inline projection is none).
+DELIVERIES_PER_ORDER = rows_per_order()
 
 
 def _own_cpu() -> float:

@@ -24,7 +24,13 @@ from bench.p1 import P1Config, capacity, run_target
 # outbox rows they fan out to are counted from the modules' subscriptions, so a subscription
 # added or removed changes the criterion by itself; `measured_rows_per_order` cross-checks the
 # list against what the database holds after the ladder.
-HAPPY_PATH_EVENTS = ("orders.OrderPlaced", "payments.PaymentCaptured", "orders.OrderPaid")
+HAPPY_PATH_EVENTS = (
+    "inventory.StockReserved",
+    "orders.OrderPlaced",
+    "payments.PaymentCaptured",
+    "orders.OrderPaid",
+    "inventory.ReservationCommitted",
+)
 
 
 def rows_per_order(modules: Iterable | None = None, events: Iterable[str] = HAPPY_PATH_EVENTS) -> int:
