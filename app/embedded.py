@@ -69,25 +69,27 @@ class EmbeddedPostgres:
         asyncio.run(ensure_database(self.admin_url, database))
         return with_database(self.admin_url, database)
 
-    def preload(self, libraries: list[str]) -> None:
-        """Load `libraries` at server start (shared_preload_libraries, e.g. pg_stat_statements for
-        bench.drain --statements), restarting the server if they are not loaded yet. Only for a
-        server this process alone uses: a restart cuts every other process's connections."""
+    def configure(self, settings: dict[str, str]) -> None:
+        """ALTER SYSTEM SET each setting, reload, and restart the server if one of them only takes
+        effect at start (shared_preload_libraries, wal_buffers). For benchmarks (bench.drain
+        --statements, --pg) on a server this process alone uses: a restart cuts every other
+        process's connections."""
         import asyncpg
 
-        async def configure() -> bool:
+        async def alter() -> bool:
             conn = await asyncpg.connect(self.admin_url)
             try:
-                loaded = (await conn.fetchval("SHOW shared_preload_libraries")).replace(" ", "").split(",")
-                if set(libraries) <= set(loaded):
-                    return False
-                wanted = ",".join(dict.fromkeys([lib for lib in loaded if lib] + libraries))
-                await conn.execute(f"ALTER SYSTEM SET shared_preload_libraries = '{wanted}'")
-                return True
+                for name, value in settings.items():
+                    await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                await conn.execute("SELECT pg_reload_conf()")
+                return await conn.fetchval(
+                    "SELECT EXISTS (SELECT FROM pg_settings WHERE name = ANY($1::text[]) AND context = 'postmaster')",
+                    list(settings),
+                )
             finally:
                 await conn.close()
 
-        if asyncio.run(configure()):
+        if settings and asyncio.run(alter()):
             self._restart()
 
     def _restart(self) -> None:

@@ -22,7 +22,8 @@ With `--statements`, pg_stat_statements (the embedded server is restarted with i
 records the drain half alone, and a third JSON line (`drain_statements`) lists its top statements
 by total execution time: calls, total and mean ms, ms and calls per order, rows, WAL bytes per
 order; a readable table of the same goes to stderr. Tracking costs a little CPU of its own, so
-compare CPU figures only between runs with the same flag.
+compare CPU figures only between runs with the same flag. `--pg NAME=VALUE` (repeatable) runs the
+embedded server with that setting, to measure one (commit_delay, wal_writer_delay, wal_buffers).
 
 One JSON line per half. What it answers: the CPU one order costs on each side, so how many
 orders/s the whole flow can sustain on this machine when both halves share it (P1's "capacity"
@@ -59,8 +60,9 @@ def _own_cpu() -> float:
 
 
 async def measure(
-    server: env.DatabaseServer, orders: int, concurrency: int, statements: int = 0
+    server: env.DatabaseServer, orders: int, concurrency: int, statements: int = 0, pg: dict | None = None
 ) -> list[dict]:
+    server_settings = await server.configure(pg or {})
     if statements and not await server.track_statements():
         print("bench.drain: the server does not preload pg_stat_statements: no statement profile", flush=True)
         statements = 0
@@ -110,6 +112,8 @@ async def measure(
         record.update(await _wal(db, lsn1, await _lsn(db), orders, walinspect))
         record["orders_per_s"] = round(relay.delivered / DELIVERIES_PER_ORDER / wall, 1)
         record["dead_letters"] = await db.fetchval("SELECT count(*) FROM dead_letters")
+        if server_settings:
+            record["server_settings"] = server_settings
         results.append(record)
         if statements:
             results.append(await _statements(db, orders, statements))
@@ -227,7 +231,7 @@ async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-drain-") as tmp:
         server = env.DatabaseServer(Path(tmp), os.environ.get("DATABASE_URL"))
         try:
-            for record in await measure(server, args.orders, args.concurrency, args.statements):
+            for record in await measure(server, args.orders, args.concurrency, args.statements, dict(args.pg)):
                 print(json.dumps(record), flush=True)
         finally:
             await server.close()
@@ -240,6 +244,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--statements", type=int, nargs="?", const=15, default=0, metavar="TOP",
         help="profile the drain half with pg_stat_statements: its TOP (15) statements by total time",
+    )
+    parser.add_argument(
+        "--pg", type=lambda text: tuple(text.split("=", 1)), action="append", default=[], metavar="NAME=VALUE",
+        help="a setting of the embedded server for this run (ALTER SYSTEM; restarted if needed), repeatable",
     )
     import uvloop
 
