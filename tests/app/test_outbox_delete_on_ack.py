@@ -76,8 +76,10 @@ async def test_a_delete_acknowledgement_leaves_a_row_another_relay_took_over(db,
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'pending'") == 1
 
 
-async def test_with_no_retention_the_purge_still_removes_rows_delivered_while_rows_were_kept(db, settings, no_retention):
-    keeping = relay_for(settings, db, Subscription(SUBSCRIBER, recorder()))
+async def test_with_no_retention_the_purge_still_removes_rows_delivered_while_rows_were_kept(
+    db, settings, no_retention
+):
+    keeping = relay_for(replace(settings, outbox_retention_seconds=3600), db, Subscription(SUBSCRIBER, recorder()))
     await append(keeping.system, 2, 2)
     await deliver_everything(keeping)
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'delivered'") == 4
