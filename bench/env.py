@@ -213,6 +213,32 @@ class DatabaseServer:
         except (OSError, ValueError):
             return None
 
+    async def configure(self, settings: dict[str, str]) -> dict[str, str]:
+        """Server settings for a measurement (the embedded server only: it is ours alone).
+        Returns them as the server now reports them."""
+        if not settings:
+            return {}
+        if self.embedded is None:
+            raise SystemExit("server settings apply to the embedded server only (unset DATABASE_URL)")
+        await asyncio.to_thread(self.embedded.configure, settings)
+        self.admin_url = normalize_url(self.embedded.admin_url)
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            return {name: await conn.fetchval("SELECT current_setting($1)", name) for name in settings}
+        finally:
+            await conn.close()
+
+    async def track_statements(self) -> bool:
+        """Have pg_stat_statements collect from now on: the embedded server is restarted with it
+        preloaded (it is ours alone); another server must already load it. Returns whether it can."""
+        if self.embedded is not None:
+            await self.configure({"shared_preload_libraries": "pg_stat_statements"})
+        conn = await asyncpg.connect(self.admin_url)
+        try:
+            return "pg_stat_statements" in await conn.fetchval("SHOW shared_preload_libraries")
+        finally:
+            await conn.close()
+
     async def fresh(self, name: str) -> str:
         """A new empty database `name`, migrated to head; returns its URL."""
         conn = await asyncpg.connect(self.admin_url)

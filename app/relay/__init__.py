@@ -220,7 +220,7 @@ class Relay:
     ) -> Awaitable[int]:
         """Both paths acknowledge through here (`delivery.acknowledge` with this relay's id): the
         seam where a test stops a relay between its handlers and its commit."""
-        return acknowledge(conn, ids, self.instance_id, subscriber, applied)
+        return acknowledge(conn, ids, self.instance_id, subscriber, applied, delete=self.retention_seconds <= 0)
 
     async def _claim(self) -> Batch | None:
         return await self._claims.claim()

@@ -16,26 +16,36 @@ from app.relay.claims import rowcount
 # depended on a lost delivery is lost with it: the WAL is flushed in order, so a later flushed
 # commit flushes every earlier one. Without this, the database sessions spent most of
 # their time queued on the WAL flush.
-ACK_WITH_INBOX_SQL = """
-WITH seen AS (
-    INSERT INTO inbox (subscriber, message_id) SELECT $3, unnest($4::uuid[])
-)
-UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL
+_INBOX = "WITH seen AS (INSERT INTO inbox (subscriber, message_id) SELECT $3, unnest($4::uuid[]))\n"
+_HELD = """
 WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
   AND (SELECT set_config('synchronous_commit', 'off', true)) = 'off'
 """
+ACK_WITH_INBOX_SQL = (
+    _INBOX + "UPDATE outbox SET status = 'delivered', delivered_at = now(), locked_by = NULL, locked_until = NULL" + _HELD
+)
+# With no retention (SWITCHBOARD_OUTBOX_RETENTION=0) the row goes at once. The UPDATE's new row
+# version is a copy of the whole row (payload included) plus two index entries (the primary key
+# and outbox_delivered: `status` is in the partial indexes' predicates, so it is never a HOT
+# update), and the purge later deletes it anyway; a DELETE writes neither. Nothing the relay
+# needs reads delivered rows: per-key order, read-your-writes and the inbox purge ask only
+# whether an undelivered row is left.
+DELETE_WITH_INBOX_SQL = _INBOX + "DELETE FROM outbox" + _HELD
 
 
 async def acknowledge(
-    conn: asyncpg.Connection, ids: list[int], instance_id: str, subscriber: str, applied: list
+    conn: asyncpg.Connection, ids: list[int], instance_id: str, subscriber: str, applied: list,
+    delete: bool = False,
 ) -> int:
     """Mark delivered, in the deliveries' own transaction: effects and acknowledgement commit
     together, so a crash cannot leave an applied row unacknowledged (the inbox still guards
     the race of a relay whose lease lapsed mid-batch). `applied`: the message ids whose inbox
-    rows go in the same statement (the fast path's; the careful path wrote its own)."""
+    rows go in the same statement (the fast path's; the careful path wrote its own). `delete`:
+    the rows are deleted instead of kept as 'delivered' (no outbox retention)."""
     if not ids:
         return 0
-    return rowcount(await conn.execute(ACK_WITH_INBOX_SQL, ids, instance_id, subscriber, applied))
+    sql = DELETE_WITH_INBOX_SQL if delete else ACK_WITH_INBOX_SQL
+    return rowcount(await conn.execute(sql, ids, instance_id, subscriber, applied))
 
 
 class LeaseLost(Exception):
