@@ -21,7 +21,7 @@ A = TypeVar("A", bound=Aggregate)
 
 class UnitOfWork:
     """One per message. `async with uow:` nests: only the outermost `commit()` ends the transaction,
-    so the relay can wrap a subscriber's work and its inbox row in one transaction."""
+    so the relay can wrap a subscriber's work and its acknowledgement in one transaction."""
 
     def __init__(self, db: Database, catalog: EventCatalog) -> None:
         self._db = db

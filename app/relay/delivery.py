@@ -1,6 +1,6 @@
 """Delivering one subscriber's claimed rows on one connection: fast runs (app/relay/fast.py)
-until a handler fails, then carefully -- a savepoint per delivery -- with the inbox rows and
-the acknowledgement in the deliveries' own transaction."""
+until a handler fails, then carefully -- a savepoint per delivery -- with the acknowledgement in
+the deliveries' own transaction."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from app import observe
 from app.conflicts import retry_on_conflict
 from app.messages import ConcurrencyError, PermanentError
 from app.relay import fast
-from app.relay.ack import ACK_WITH_INBOX_SQL, held_all  # noqa: F401  (tests read the SQL here)
+from app.relay.ack import held_all
 from app.relay.policy import LeaseExpired, RetryPolicies
 from app.relay.rows import open_row
 from app.relay.settle import Outcome
@@ -27,18 +27,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("app.relay")
 
-# In the delivery's savepoint: a row comes back if the message is new to this subscriber; a
-# failed delivery rolls its inbox row back with its effects.
-INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
-
-# The fast path reads which of a group's messages its subscriber has applied before, once, and
-# writes the inbox rows of a run together with its acknowledgement (the careful path writes each
-# inbox row in its delivery's savepoint and acknowledges with none). A concurrent relay that
-# applied one of them meanwhile (a lapsed lease) makes the INSERT fail: the run rolls back and is
-# delivered carefully, where the per-delivery inbox check skips it.
-INBOX_SEEN_SQL = """
+# No inbox row per delivery: an effect commits only with its row's acknowledgement (app/relay/
+# ack.py says why that makes it once). The inbox is still read for a redelivery -- a row whose
+# earlier attempt ended without an outcome or failed (`last_error`, which a replay keeps) -- because
+# relays before the lease-checked acknowledgement could commit an effect and its inbox row without
+# the acknowledgement, and such rows may still be in a database; a first attempt cannot have been
+# applied before, so the usual delivery reads nothing. The table stays for deliveries that come
+# from outside the database (a message broker's consumer), which have no outbox row to
+# acknowledge with their effects and need it to apply each message once.
+APPLIED_BEFORE_SQL = """
 SELECT message_id FROM inbox WHERE subscriber = $1 AND message_id = ANY($2::uuid[])
 """
+
+
+async def applied_before(db, subscriber: str, rows: list) -> set:
+    """The messages among `rows` that an earlier relay applied (see APPLIED_BEFORE_SQL): one read,
+    and only if a row is a redelivery."""
+    again = [r["message_id"] for r in rows if r["last_error"] is not None]
+    if not again:
+        return set()
+    return {r[0] for r in await db.fetch(APPLIED_BEFORE_SQL, subscriber, again)}
 
 
 # After a handler failure its subscriber is delivered carefully (a savepoint per delivery) for
@@ -75,10 +83,10 @@ class Delivery:
         instance_id: str,
         handler_timeout: float,
         policies: RetryPolicies,
-        acknowledge: Callable[[asyncpg.Connection, list[int], str, list], Awaitable[int]],
+        acknowledge: Callable[[asyncpg.Connection, list[int]], Awaitable[int]],
     ) -> None:
         self.system, self.db, self.instance_id = system, system.db, instance_id
-        self.acknowledge = acknowledge  # (conn, ids, subscriber, applied): `acknowledge` for this relay
+        self.acknowledge = acknowledge  # (conn, ids): `acknowledge` for this relay
         self.handler_timeout = handler_timeout
         self.policies = policies
         self.careful_until: dict[str, float] = {}  # subscriber -> delivered carefully until then
@@ -106,9 +114,7 @@ class Delivery:
                 outcomes.extend(done)
 
         try:
-            seen = {
-                r[0] for r in await self.db.fetch(INBOX_SEEN_SQL, subscriber, [r["message_id"] for r in rows])
-            }
+            seen = await applied_before(self.db, subscriber, rows)
             await retry_on_conflict(runs, retries=RUN_CONFLICT_RETRIES, conflict=_lost_race)
         except fast.HandlerFailed as failed:
             i, error = failed.index, failed.error
@@ -135,16 +141,17 @@ class Delivery:
         durable = 0  # outcomes[:durable] are committed
         uow = self.system.uow()
         try:
+            seen = await applied_before(self.db, rows[0]["subscriber"], rows)
             async with uow:
                 conn = await uow.transaction()
                 done: list[int] = []
                 for i, row in enumerate(rows):
-                    outcome, appended = await self._deliver(uow, conn, row)
+                    outcome, appended = await self._deliver(uow, conn, row, row["message_id"] in seen)
                     outcomes.append(outcome)
                     if outcome.error is None:
                         done.append(row["id"])
                     if appended or i == len(rows) - 1:
-                        acknowledged = await self.acknowledge(conn, done, rows[0]["subscriber"], [])
+                        acknowledged = await self.acknowledge(conn, done)
                         held_all(acknowledged, done)
                         await uow.commit()
                         self.delivered += acknowledged
@@ -157,10 +164,13 @@ class Delivery:
             return outcomes[:durable] + failed
         return outcomes
 
-    async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row) -> tuple[Outcome, bool]:
-        """One delivery in a savepoint. Returns its outcome and whether it appended events."""
+    async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row, seen: bool) -> tuple[Outcome, bool]:
+        """One delivery in a savepoint (`seen`: applied before, just acknowledge it). Returns its
+        outcome and whether it appended events."""
         started = time.perf_counter()
         bound = self.system.subscriptions.get(row["subscriber"])
+        if seen:
+            return Outcome(row, None, 0.0), False
         try:
             async with asyncio.timeout(self.handler_timeout):
                 appended = await retry_on_conflict(
@@ -175,8 +185,6 @@ class Delivery:
         unit of its own (a retry decides again on fresh state). Returns whether it appended."""
         child = uow.child()
         async with conn.transaction():
-            if not await conn.fetchval(INBOX_SQL, row["subscriber"], row["message_id"]):
-                return False  # applied before (a redelivery): acknowledge without running it
             await self.apply(bound, child, row)
         return bool(child.positions)
 

@@ -1,6 +1,6 @@
 """The fast path: a run of one subscriber's deliveries in one transaction without savepoints,
 its events appended in one statement (app/eventstore.py) with the rows its handlers staged, its
-inbox rows and acknowledgement in another, one COMMIT."""
+acknowledgement in another, one COMMIT."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ async def run(
     delivery: Delivery, subscriber: str, rows: list, seen: set, hold_seconds: float
 ) -> tuple[list[Outcome], list]:
     """The handlers in turn in one transaction, sharing one identity map and writing nothing
-    themselves; then the inbox rows and the acknowledgement in one statement, every event the
+    themselves; then the acknowledgement in one statement, every event the
     handlers recorded in one append (with the rows they staged), one COMMIT. Once a handler has
     recorded events, the run ends as soon as it has taken `hold_seconds`, returning the rest: its
     decisions rest on the streams it loaded, and the longer they wait for the append, the likelier
@@ -85,7 +85,6 @@ async def run(
     lost race at the append -- rolls the whole run back and raises `HandlerFailed`. Returns the
     outcomes and the rows left for the next run."""
     outcomes: list[Outcome] = []
-    applied: list = []
     bound = delivery.system.subscriptions.get(subscriber)
     db = delivery.db
     began = time.perf_counter()
@@ -101,14 +100,13 @@ async def run(
                             await delivery.apply(bound, RunUnit(shared), row)
                     except Exception as error:
                         raise HandlerFailed(i, error, time.perf_counter() - started) from error
-                    applied.append(row["message_id"])
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
                     if shared.decided and time.perf_counter() - began >= hold_seconds:
                         break
                 else:
                     outcomes.append(Outcome(row, None, time.perf_counter() - started))
             ids = [o.row["id"] for o in outcomes]
-            acknowledged = await delivery.acknowledge(conn, ids, subscriber, applied)
+            acknowledged = await delivery.acknowledge(conn, ids)
             held_all(acknowledged, ids)  # else roll the run back: a stalled relay commits nothing
             published = await _write(shared, outcomes, began)
         if published:

@@ -1,4 +1,5 @@
-"""One notification per payment outcome; the relay's inbox makes each one exactly once."""
+"""One notification per payment outcome; the relay commits each with its delivery's
+acknowledgement, so each one exactly once."""
 
 from __future__ import annotations
 
