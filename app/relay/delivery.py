@@ -11,16 +11,18 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import asyncpg
+from opentelemetry import trace
 
-from app import observe
+from app import context, observe
 from app.conflicts import retry_on_conflict
 from app.messages import ConcurrencyError, PermanentError
 from app.relay import fast
 from app.relay.ack import held_all
 from app.relay.policy import LeaseExpired, RetryPolicies
-from app.relay.rows import open_row
+from app.relay.rows import decode_headers, open_row
 from app.relay.settle import Outcome
 from app.uow import UnitOfWork
+from app.wiring import BatchItem
 
 if TYPE_CHECKING:
     from app.bootstrap import System
@@ -116,6 +118,9 @@ class Delivery:
         try:
             seen = await applied_before(self.db, subscriber, rows)
             await retry_on_conflict(runs, retries=RUN_CONFLICT_RETRIES, conflict=_lost_race)
+        except fast.BatchFailed:  # each of the run's rows on its own now: the failing one isolates
+            self.careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS
+            outcomes += await self.careful(left)
         except fast.HandlerFailed as failed:
             i, error = failed.index, failed.error
             self.careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS
@@ -189,13 +194,40 @@ class Delivery:
         return bool(child.positions)
 
     async def apply(self, bound, uow: UnitOfWork, row) -> None:
-        """Run the row's handler with `uow` (decoded event, envelope, correlation context)."""
+        """Run the row's handler with `uow` (decoded event, envelope, correlation context); a
+        batch subscription's with a one-item batch."""
+        self._check(bound, row)
+        event, envelope, headers = open_row(self.system.catalog, row)
+        with observe.Delivery(row, headers):  # its log fields, its span (parent: the event's), its debug line
+            if bound.subscription.batch:
+                await bound.handler([BatchItem(event, envelope)], uow=uow, envelope=envelope)
+            else:
+                await bound.handler(event, uow=uow, envelope=envelope)
+
+    async def apply_batch(self, bound, uow: UnitOfWork, rows: list) -> None:
+        """Run a batch subscription's handler once for `rows`. One log scope, span and debug line
+        for the batch -- the first row's, with every row's outbox and message id on the span --
+        not one per row: per-row ones would cost what batching saves. The correlation context is
+        the first row's too, except inside an item's `recording()`."""
+        items = []
+        for row in rows:
+            self._check(bound, row)
+            event, envelope, _ = open_row(self.system.catalog, row)
+            items.append(BatchItem(event, envelope))
+        first = items[0].envelope
+        context.correlation_id.set(first.headers.get("correlation_id"))
+        context.causation_id.set(str(first.message_id))
+        with observe.Delivery(rows[0], decode_headers(rows[0]["headers"])):
+            if observe.TRACING:
+                span = trace.get_current_span()
+                span.set_attribute("switchboard.batch.outbox_ids", [r["id"] for r in rows])
+                span.set_attribute("switchboard.batch.message_ids", [str(r["message_id"]) for r in rows])
+            await bound.handler(items, uow=uow, envelope=None)
+
+    def _check(self, bound, row) -> None:
         if bound is None or bound.handler is None:
             raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
         if row["attempts"] > self.policies[row["subscriber"]].max_attempts:  # see RetryPolicy
             raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
-        event, envelope, headers = open_row(self.system.catalog, row)
-        with observe.Delivery(row, headers):  # its log fields, its span (parent: the event's), its debug line
-            await bound.handler(event, uow=uow, envelope=envelope)
 
 
