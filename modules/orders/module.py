@@ -18,9 +18,14 @@ module = Module(
         OrderPaid: [project_order_view],
         OrderPaymentDeclined: [project_order_view],
         OrderPaymentFailed: [project_order_view],
-        PaymentCaptured: [Subscription("orders.mark_order_paid", handlers.mark_order_paid)],
-        PaymentDeclined: [Subscription("orders.mark_order_payment_declined", handlers.mark_order_payment_declined)],
-        PaymentFailed: [Subscription("orders.mark_order_payment_failed", handlers.mark_order_payment_failed)],
+        # batch: a relay run's orders loaded in one SELECT (handlers._mark_each)
+        PaymentCaptured: [Subscription("orders.mark_order_paid", handlers.mark_orders_paid, batch=True)],
+        PaymentDeclined: [
+            Subscription("orders.mark_order_payment_declined", handlers.mark_orders_payment_declined, batch=True)
+        ],
+        PaymentFailed: [
+            Subscription("orders.mark_order_payment_failed", handlers.mark_orders_payment_failed, batch=True)
+        ],
     },
     controllers=[api.OrderController],
     background=[idempotency.forget_expired_keys],
