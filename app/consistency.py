@@ -7,12 +7,12 @@ import time
 
 from app.db import Database
 
-# Applied = its inbox row exists (the handler's transaction committed), or no outbox row for it
-# is left (it was never addressed to this subscriber, or it was delivered and acknowledged).
-# Not "checkpoint >= position": with per-key parallel delivery a later event can be applied first.
+# Applied = no undelivered outbox row for it is left: it was never addressed to this subscriber,
+# or it was delivered -- and a delivery's effects commit with its acknowledgement
+# (app/relay/ack.py), so delivered means applied. Not "checkpoint >= position": with per-key
+# parallel delivery a later event can be applied first.
 APPLIED_SQL = """
-SELECT EXISTS (SELECT 1 FROM inbox WHERE subscriber = $1 AND message_id = e.event_id)
-    OR NOT EXISTS (SELECT 1 FROM outbox WHERE subscriber = $1 AND message_id = e.event_id
+SELECT NOT EXISTS (SELECT 1 FROM outbox WHERE subscriber = $1 AND message_id = e.event_id
                    AND status <> 'delivered')
 FROM events e WHERE e.position = $2
 """

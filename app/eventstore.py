@@ -91,6 +91,11 @@ APPEND_ONE_PARAMS = 7
 
 LOAD_SQL = "SELECT type, data FROM events WHERE stream_id = $1 ORDER BY version"
 
+# Several streams in one round trip (UnitOfWork.get_many): a batch subscriber's N loads as one.
+LOAD_MANY_SQL = """
+SELECT stream_id, type, data FROM events WHERE stream_id = ANY($1::text[]) ORDER BY stream_id, version
+"""
+
 # For aggregates with snapshots: the latest snapshot (type NULL) first, then the events after it.
 LOAD_FROM_SNAPSHOT_SQL = """
 SELECT NULL::text AS type, state AS data, version FROM snapshots WHERE stream_id = $1
@@ -125,6 +130,20 @@ def replay(catalog: EventCatalog, cls: type[A], id: Any, rows: list) -> A | None
         events = [catalog.decode(r["type"], r["data"]) for r in rows[1:]]
         return cls.from_snapshot(id, rows[0]["version"], _decode(rows[0]["data"]), events)
     return cls.rehydrate(id, [catalog.decode(r["type"], r["data"]) for r in rows])
+
+
+def replay_many(catalog: EventCatalog, cls: type[A], ids: list, rows: list) -> dict[Any, A]:
+    """The aggregates of `ids` from the rows LOAD_MANY_SQL returned for their streams, by id;
+    an empty stream's id is left out."""
+    by_stream: dict[str, list] = {}
+    for row in rows:
+        by_stream.setdefault(row["stream_id"], []).append(row)
+    loaded = {}
+    for id in ids:
+        aggregate = replay(catalog, cls, id, by_stream.get(cls.stream_id_for(id), []))
+        if aggregate is not None:
+            loaded[id] = aggregate
+    return loaded
 
 
 # Staged rows ride in the append statement as more data-modifying CTEs: one round trip, and they

@@ -13,7 +13,7 @@ import asyncpg
 from app import observe
 from app.aggregate import Aggregate
 from app.db import Database
-from app.eventstore import EventCatalog, append, load_sql, replay
+from app.eventstore import LOAD_MANY_SQL, EventCatalog, append, load_sql, replay, replay_many
 from app.messages import Event, NotFound
 from app.staging import Staged, columns_of, merged, stage_entry, staged_insert
 
@@ -22,7 +22,7 @@ A = TypeVar("A", bound=Aggregate)
 
 class UnitOfWork:
     """One per message. `async with uow:` nests: only the outermost `commit()` ends the transaction,
-    so the relay can wrap a subscriber's work and its inbox row in one transaction."""
+    so the relay can wrap a subscriber's work and its acknowledgement in one transaction."""
 
     def __init__(self, db: Database, catalog: EventCatalog) -> None:
         self._db = db
@@ -103,6 +103,25 @@ class UnitOfWork:
         if aggregate is not None:
             self._seen[key] = aggregate
         return aggregate
+
+    async def get_many(self, cls: type[A], ids: Sequence[Any]) -> list[A]:
+        """The aggregates of `ids`, in that order: the streams not in the identity map loaded in
+        one SELECT (aggregates with snapshots: one load each). NotFound if one is empty."""
+        missing = list(dict.fromkeys(id for id in ids if (cls, id) not in self._seen))
+        if missing and cls.snapshot_every:
+            for id in missing:
+                await self.find(cls, id)
+        elif missing:
+            rows = await self.connection.fetch(LOAD_MANY_SQL, [cls.stream_id_for(id) for id in missing])
+            for id, aggregate in replay_many(self._catalog, cls, missing, rows).items():
+                self._seen[(cls, id)] = aggregate
+        found = []
+        for id in ids:
+            aggregate = self._seen.get((cls, id))
+            if aggregate is None:
+                raise NotFound(f"{cls.__name__} {id} does not exist")
+            found.append(aggregate)
+        return found  # type: ignore[return-value]
 
     def add(self, aggregate: Aggregate) -> None:
         self._seen[(type(aggregate), aggregate.id)] = aggregate

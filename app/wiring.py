@@ -4,13 +4,15 @@ and how a handler's dependencies are bound by parameter name."""
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import msgspec
 
+from app import context
 from app.messages import Command, Event, Query
 
 Handler = Callable[..., Awaitable[Any]]
@@ -26,9 +28,38 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     headers: dict[str, Any]
 
 
+class BatchItem(NamedTuple):
+    """One event of the run a batch subscription's handler is given, with its envelope."""
+
+    event: Event
+    envelope: Envelope
+
+    @contextmanager
+    def recording(self) -> Iterator[BatchItem]:
+        """Make this item's correlation id (and its message, as causation) the context of what
+        the handler records for it: record and `await uow.commit()` inside the block, so the
+        item's events carry its ids and not another item's."""
+        tokens = (
+            context.correlation_id.set(self.envelope.headers.get("correlation_id")),
+            context.causation_id.set(str(self.envelope.message_id)),
+        )
+        try:
+            yield self
+        finally:
+            context.causation_id.reset(tokens[1])
+            context.correlation_id.reset(tokens[0])
+
+
 @dataclass(frozen=True)
 class Subscription:
     """A module's reaction to an event. `name` is stable: it is stored on every outbox row.
+
+    `batch`: the handler takes the run of events the relay gives it in one call -- a list of
+    `BatchItem` (at most one per partition key, in outbox order) and `uow` -- and writes their
+    effects set-based; they commit with the run's acknowledgement. If it raises, each item is
+    delivered again on its own, as a one-item list in a savepoint of its own, so a failing event
+    takes its own retry or dead-letter path and the others commit. Events it records must be
+    recorded under `item.recording()`; it gets no `envelope` parameter (each item has its own).
 
     `on_dead_letter` compensates a delivery that ended in `dead_letters`: a handler (dependencies
     by parameter name; the relay passes `uow`, `envelope` and `error`, the failure's summary) whose
@@ -41,6 +72,7 @@ class Subscription:
     retry_base_seconds: float | None = None
     retry_cap_seconds: float | None = None
     on_dead_letter: Handler | None = None
+    batch: bool = False
 
     @property
     def module(self) -> str:

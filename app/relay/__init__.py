@@ -1,17 +1,18 @@
-"""The relay: claims due outbox rows and delivers them to their subscribers with their inbox rows,
-acknowledging in the same transaction -- a run of one subscriber's deliveries per transaction
-(fast path), or a savepoint per delivery after a handler failure (careful path) -- retries with
-backoff, or dead-letters.
+"""The relay: claims due outbox rows and delivers them to their subscribers, acknowledging in the
+same transaction -- a run of one subscriber's deliveries per transaction (fast path), or a
+savepoint per delivery after a handler failure (careful path) -- retries with backoff, or
+dead-letters.
 
 Guarantees (docs/ARCHITECTURE.md has the why):
 - a row is claimed by one live relay at a time (FOR UPDATE SKIP LOCKED + a lease);
 - only the relay that still holds a row's lease acknowledges, retries or dead-letters it;
 - per (subscriber, partition key) rows are delivered in id order, one at a time, also across
   retries and dead letters (a row is claimable only when no earlier row of its key is undelivered);
+- a delivery's effects commit only with its row's acknowledgement, so at most once (ack.py);
 - every failure ends in a retry (available_at, attempts, last_error) or in dead_letters.
 
-Its parts: claims.py (claims and leases), delivery.py and fast.py (the careful and fast paths,
-inbox, acknowledgement), policy.py (one retry policy per subscription), settle.py (retry or
+Its parts: claims.py (claims and leases), delivery.py and fast.py (the careful and fast paths),
+ack.py (the acknowledgement), policy.py (one retry policy per subscription), settle.py (retry or
 dead-letter), dead_letters.py (the dead-letter state machine), purge.py, yield_gate.py. The
 Relay class here keeps the lifecycle: start, poll and wake, stop, drain, run_once.
 """
@@ -215,12 +216,10 @@ class Relay:
         await self._deliver_batch(batch)
         return len(batch.rows)
 
-    def _acknowledge(
-        self, conn: asyncpg.Connection, ids: list[int], subscriber: str, applied: list
-    ) -> Awaitable[int]:
+    def _acknowledge(self, conn: asyncpg.Connection, ids: list[int]) -> Awaitable[int]:
         """Both paths acknowledge through here (`delivery.acknowledge` with this relay's id): the
         seam where a test stops a relay between its handlers and its commit."""
-        return acknowledge(conn, ids, self.instance_id, subscriber, applied, delete=self.retention_seconds <= 0)
+        return acknowledge(conn, ids, self.instance_id, delete=self.retention_seconds <= 0)
 
     async def _claim(self) -> Batch | None:
         return await self._claims.claim()

@@ -42,7 +42,7 @@ SET attempts = o.attempts + 1, locked_by = $3, locked_until = now() + make_inter
                            ELSE coalesce(o.first_failed_at, now()) END
 FROM due WHERE o.id = due.id
 RETURNING o.id, o.message_id, o.position, o.subscriber, o.type, o.payload, o.headers, o.attempts,
-          extract(epoch FROM now() - o.created_at) AS age
+          o.last_error, extract(epoch FROM now() - o.created_at) AS age
 """
 
 EXTEND_SQL = """
@@ -52,10 +52,10 @@ WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
 
 # Settling touches only rows this relay still holds: if its lease lapsed and another relay took a
 # row over, that relay's outcome stands (a stale retry or dead letter would overwrite it; a stale
-# ack is not needed: the inbox makes the new holder acknowledge without running the handler).
+# acknowledgement rolls its transaction back, app/relay/ack.py).
 # For the claim's transaction only, in one round trip:
 # - synchronous_commit off: a claim is a lease marker; if a crash loses it, its rows are simply
-#   claimable again (the inbox absorbs the redelivery), and the acknowledgement's durable commit
+#   claimable again (nothing of theirs was acknowledged, so nothing applied), and the acknowledgement's durable commit
 #   flushes it anyway. So its COMMIT does not wait for the WAL flush, which the handlers (and
 #   the commit-to-handler lag) would otherwise wait on.
 # - no bitmap scans, no sorts: the claim must walk outbox_due in id order and stop at LIMIT. A

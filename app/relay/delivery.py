@@ -1,6 +1,6 @@
 """Delivering one subscriber's claimed rows on one connection: fast runs (app/relay/fast.py)
-until a handler fails, then carefully -- a savepoint per delivery -- with the inbox rows and
-the acknowledgement in the deliveries' own transaction."""
+until a handler fails, then carefully -- a savepoint per delivery -- with the acknowledgement in
+the deliveries' own transaction."""
 
 from __future__ import annotations
 
@@ -11,34 +11,44 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import asyncpg
+from opentelemetry import trace
 
-from app import observe
+from app import context, observe
 from app.conflicts import retry_on_conflict
 from app.messages import ConcurrencyError, PermanentError
 from app.relay import fast
-from app.relay.ack import ACK_WITH_INBOX_SQL, held_all  # noqa: F401  (tests read the SQL here)
+from app.relay.ack import held_all
 from app.relay.policy import LeaseExpired, RetryPolicies
-from app.relay.rows import open_row
+from app.relay.rows import decode_headers, open_row
 from app.relay.settle import Outcome
 from app.uow import UnitOfWork
+from app.wiring import BatchItem
 
 if TYPE_CHECKING:
     from app.bootstrap import System
 
 log = logging.getLogger("app.relay")
 
-# In the delivery's savepoint: a row comes back if the message is new to this subscriber; a
-# failed delivery rolls its inbox row back with its effects.
-INBOX_SQL = "INSERT INTO inbox (subscriber, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1"
-
-# The fast path reads which of a group's messages its subscriber has applied before, once, and
-# writes the inbox rows of a run together with its acknowledgement (the careful path writes each
-# inbox row in its delivery's savepoint and acknowledges with none). A concurrent relay that
-# applied one of them meanwhile (a lapsed lease) makes the INSERT fail: the run rolls back and is
-# delivered carefully, where the per-delivery inbox check skips it.
-INBOX_SEEN_SQL = """
+# No inbox row per delivery: an effect commits only with its row's acknowledgement (app/relay/
+# ack.py says why that makes it once). The inbox is still read for a redelivery -- a row whose
+# earlier attempt ended without an outcome or failed (`last_error`, which a replay keeps) -- because
+# relays before the lease-checked acknowledgement could commit an effect and its inbox row without
+# the acknowledgement, and such rows may still be in a database; a first attempt cannot have been
+# applied before, so the usual delivery reads nothing. The table stays for deliveries that come
+# from outside the database (a message broker's consumer), which have no outbox row to
+# acknowledge with their effects and need it to apply each message once.
+APPLIED_BEFORE_SQL = """
 SELECT message_id FROM inbox WHERE subscriber = $1 AND message_id = ANY($2::uuid[])
 """
+
+
+async def applied_before(db, subscriber: str, rows: list) -> set:
+    """The messages among `rows` that an earlier relay applied (see APPLIED_BEFORE_SQL): one read,
+    and only if a row is a redelivery."""
+    again = [r["message_id"] for r in rows if r["last_error"] is not None]
+    if not again:
+        return set()
+    return {r[0] for r in await db.fetch(APPLIED_BEFORE_SQL, subscriber, again)}
 
 
 # After a handler failure its subscriber is delivered carefully (a savepoint per delivery) for
@@ -75,10 +85,10 @@ class Delivery:
         instance_id: str,
         handler_timeout: float,
         policies: RetryPolicies,
-        acknowledge: Callable[[asyncpg.Connection, list[int], str, list], Awaitable[int]],
+        acknowledge: Callable[[asyncpg.Connection, list[int]], Awaitable[int]],
     ) -> None:
         self.system, self.db, self.instance_id = system, system.db, instance_id
-        self.acknowledge = acknowledge  # (conn, ids, subscriber, applied): `acknowledge` for this relay
+        self.acknowledge = acknowledge  # (conn, ids): `acknowledge` for this relay
         self.handler_timeout = handler_timeout
         self.policies = policies
         self.careful_until: dict[str, float] = {}  # subscriber -> delivered carefully until then
@@ -106,10 +116,11 @@ class Delivery:
                 outcomes.extend(done)
 
         try:
-            seen = {
-                r[0] for r in await self.db.fetch(INBOX_SEEN_SQL, subscriber, [r["message_id"] for r in rows])
-            }
+            seen = await applied_before(self.db, subscriber, rows)
             await retry_on_conflict(runs, retries=RUN_CONFLICT_RETRIES, conflict=_lost_race)
+        except fast.BatchFailed:  # each of the run's rows on its own now: the failing one isolates
+            self.careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS
+            outcomes += await self.careful(left)
         except fast.HandlerFailed as failed:
             i, error = failed.index, failed.error
             self.careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS
@@ -135,16 +146,17 @@ class Delivery:
         durable = 0  # outcomes[:durable] are committed
         uow = self.system.uow()
         try:
+            seen = await applied_before(self.db, rows[0]["subscriber"], rows)
             async with uow:
                 conn = await uow.transaction()
                 done: list[int] = []
                 for i, row in enumerate(rows):
-                    outcome, appended = await self._deliver(uow, conn, row)
+                    outcome, appended = await self._deliver(uow, conn, row, row["message_id"] in seen)
                     outcomes.append(outcome)
                     if outcome.error is None:
                         done.append(row["id"])
                     if appended or i == len(rows) - 1:
-                        acknowledged = await self.acknowledge(conn, done, rows[0]["subscriber"], [])
+                        acknowledged = await self.acknowledge(conn, done)
                         held_all(acknowledged, done)
                         await uow.commit()
                         self.delivered += acknowledged
@@ -157,10 +169,13 @@ class Delivery:
             return outcomes[:durable] + failed
         return outcomes
 
-    async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row) -> tuple[Outcome, bool]:
-        """One delivery in a savepoint. Returns its outcome and whether it appended events."""
+    async def _deliver(self, uow: UnitOfWork, conn: asyncpg.Connection, row, seen: bool) -> tuple[Outcome, bool]:
+        """One delivery in a savepoint (`seen`: applied before, just acknowledge it). Returns its
+        outcome and whether it appended events."""
         started = time.perf_counter()
         bound = self.system.subscriptions.get(row["subscriber"])
+        if seen:
+            return Outcome(row, None, 0.0), False
         try:
             async with asyncio.timeout(self.handler_timeout):
                 appended = await retry_on_conflict(
@@ -175,19 +190,44 @@ class Delivery:
         unit of its own (a retry decides again on fresh state). Returns whether it appended."""
         child = uow.child()
         async with conn.transaction():
-            if not await conn.fetchval(INBOX_SQL, row["subscriber"], row["message_id"]):
-                return False  # applied before (a redelivery): acknowledge without running it
             await self.apply(bound, child, row)
         return bool(child.positions)
 
     async def apply(self, bound, uow: UnitOfWork, row) -> None:
-        """Run the row's handler with `uow` (decoded event, envelope, correlation context)."""
+        """Run the row's handler with `uow` (decoded event, envelope, correlation context); a
+        batch subscription's with a one-item batch."""
+        self._check(bound, row)
+        event, envelope, headers = open_row(self.system.catalog, row)
+        with observe.Delivery(row, headers):  # its log fields, its span (parent: the event's), its debug line
+            if bound.subscription.batch:
+                await bound.handler([BatchItem(event, envelope)], uow=uow, envelope=envelope)
+            else:
+                await bound.handler(event, uow=uow, envelope=envelope)
+
+    async def apply_batch(self, bound, uow: UnitOfWork, rows: list) -> None:
+        """Run a batch subscription's handler once for `rows`. One log scope, span and debug line
+        for the batch -- the first row's, with every row's outbox and message id on the span --
+        not one per row: per-row ones would cost what batching saves. The correlation context is
+        the first row's too, except inside an item's `recording()`."""
+        items = []
+        for row in rows:
+            self._check(bound, row)
+            event, envelope, _ = open_row(self.system.catalog, row)
+            items.append(BatchItem(event, envelope))
+        first = items[0].envelope
+        context.correlation_id.set(first.headers.get("correlation_id"))
+        context.causation_id.set(str(first.message_id))
+        with observe.Delivery(rows[0], decode_headers(rows[0]["headers"])):
+            if observe.TRACING:
+                span = trace.get_current_span()
+                span.set_attribute("switchboard.batch.outbox_ids", [r["id"] for r in rows])
+                span.set_attribute("switchboard.batch.message_ids", [str(r["message_id"]) for r in rows])
+            await bound.handler(items, uow=uow, envelope=None)
+
+    def _check(self, bound, row) -> None:
         if bound is None or bound.handler is None:
             raise PermanentError(f"no subscription named {row['subscriber']!r} is hosted here")
         if row["attempts"] > self.policies[row["subscriber"]].max_attempts:  # see RetryPolicy
             raise LeaseExpired(f"gave up: {row['attempts'] - 1} attempts ended without an outcome")
-        event, envelope, headers = open_row(self.system.catalog, row)
-        with observe.Delivery(row, headers):  # its log fields, its span (parent: the event's), its debug line
-            await bound.handler(event, uow=uow, envelope=envelope)
 
 

@@ -1,6 +1,6 @@
 """The fast path: a run of one subscriber's deliveries in one transaction without savepoints,
 its events appended in one statement (app/eventstore.py) with the rows its handlers staged, its
-inbox rows and acknowledgement in another, one COMMIT."""
+acknowledgement in another, one COMMIT."""
 
 from __future__ import annotations
 
@@ -29,6 +29,15 @@ class HandlerFailed(Exception):
 
     def __init__(self, index: int, error: BaseException, seconds: float) -> None:
         self.index, self.error, self.seconds = index, error, seconds
+
+
+class BatchFailed(Exception):
+    """A batch subscription's handler failed in a fast run (which then rolled back): which of its
+    rows failed is unknown, so each is delivered on its own."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
 
 
 class _Run:
@@ -78,16 +87,15 @@ class RunUnit(UnitOfWork):
 async def run(
     delivery: Delivery, subscriber: str, rows: list, seen: set, hold_seconds: float
 ) -> tuple[list[Outcome], list]:
-    """The handlers in turn in one transaction, sharing one identity map and writing nothing
-    themselves; then the inbox rows and the acknowledgement in one statement, every event the
-    handlers recorded in one append (with the rows they staged), one COMMIT. Once a handler has
+    """The handlers in turn in one transaction (a batch subscription's once, for every row),
+    sharing one identity map and writing nothing themselves; then the acknowledgement in one
+    statement, every event the handlers recorded in one append (with the rows they staged), one
+    COMMIT. Once a handler has
     recorded events, the run ends as soon as it has taken `hold_seconds`, returning the rest: its
     decisions rest on the streams it loaded, and the longer they wait for the append, the likelier
     another writer (e.g. POST /orders reserving stock) changed one first. A handler error -- or a
-    lost race at the append -- rolls the whole run back and raises `HandlerFailed`. Returns the
-    outcomes and the rows left for the next run."""
-    outcomes: list[Outcome] = []
-    applied: list = []
+    lost race at the append -- rolls the whole run back and raises `HandlerFailed` (a batch
+    handler's error: `BatchFailed`). Returns the outcomes and the rows left for the next run."""
     bound = delivery.system.subscriptions.get(subscriber)
     db = delivery.db
     began = time.perf_counter()
@@ -95,28 +103,55 @@ async def run(
         tx = conn.transaction()
         async with tx:
             shared = _Run(db, delivery.system.catalog, conn, tx)
-            for i, row in enumerate(rows):
-                started = time.perf_counter()
-                if row["message_id"] not in seen:  # else applied before: just acknowledge
-                    try:
-                        async with asyncio.timeout(delivery.handler_timeout):
-                            await delivery.apply(bound, RunUnit(shared), row)
-                    except Exception as error:
-                        raise HandlerFailed(i, error, time.perf_counter() - started) from error
-                    applied.append(row["message_id"])
-                    outcomes.append(Outcome(row, None, time.perf_counter() - started))
-                    if shared.decided and time.perf_counter() - began >= hold_seconds:
-                        break
-                else:
-                    outcomes.append(Outcome(row, None, time.perf_counter() - started))
+            if bound is not None and bound.handler is not None and bound.subscription.batch:
+                outcomes = await _batch(delivery, bound, RunUnit(shared), rows, seen)
+            else:
+                outcomes = await _each(delivery, bound, shared, rows, seen, hold_seconds, began)
             ids = [o.row["id"] for o in outcomes]
-            acknowledged = await delivery.acknowledge(conn, ids, subscriber, applied)
+            acknowledged = await delivery.acknowledge(conn, ids)
             held_all(acknowledged, ids)  # else roll the run back: a stalled relay commits nothing
             published = await _write(shared, outcomes, began)
         if published:
             db.outbox_written()  # committed: wake the relays
     delivery.delivered += acknowledged
     return outcomes, rows[len(outcomes) :]
+
+
+async def _each(
+    delivery: Delivery, bound, shared: _Run, rows: list, seen: set, hold_seconds: float, began: float
+) -> list[Outcome]:
+    """The handler once per row, each with a unit of its own over the run's identity map, until
+    the run has held recorded events `hold_seconds`. Raises HandlerFailed at the first failure."""
+    outcomes: list[Outcome] = []
+    for i, row in enumerate(rows):
+        started = time.perf_counter()
+        if row["message_id"] not in seen:  # else applied before: just acknowledge
+            try:
+                async with asyncio.timeout(delivery.handler_timeout):
+                    await delivery.apply(bound, RunUnit(shared), row)
+            except Exception as error:
+                raise HandlerFailed(i, error, time.perf_counter() - started) from error
+            outcomes.append(Outcome(row, None, time.perf_counter() - started))
+            if shared.decided and time.perf_counter() - began >= hold_seconds:
+                break
+        else:
+            outcomes.append(Outcome(row, None, time.perf_counter() - started))
+    return outcomes
+
+
+async def _batch(delivery: Delivery, bound, uow: RunUnit, rows: list, seen: set) -> list[Outcome]:
+    """A batch subscription's run: its handler once, for the rows not applied before. Raises
+    BatchFailed if it fails (the run rolls back; each row is then delivered on its own)."""
+    started = time.perf_counter()
+    todo = [row for row in rows if row["message_id"] not in seen]
+    if todo:
+        try:
+            async with asyncio.timeout(delivery.handler_timeout):
+                await delivery.apply_batch(bound, uow, todo)
+        except Exception as error:
+            raise BatchFailed(error) from error
+    seconds = (time.perf_counter() - started) / len(rows)
+    return [Outcome(row, None, seconds) for row in rows]
 
 
 async def _write(shared: _Run, outcomes: list[Outcome], began: float) -> int:

@@ -15,8 +15,10 @@ DELETE FROM outbox WHERE id IN (
 )
 """
 
-# An inbox row is what stops a redelivery from applying its message twice, and a message can be
-# delivered again only from an outbox row that is not 'delivered' yet: pending (a retry, or a
+# Outbox deliveries write no inbox rows (app/relay/delivery.py); the rows here are those of
+# relays before the lease-checked acknowledgement and, later, of deliveries from outside the
+# database. An inbox row is what stops a redelivery from applying its message twice, and a
+# message can be delivered again only from an outbox row that is not 'delivered' yet: pending (a retry, or a
 # claim whose relay died), dead (a dead letter, replayable for as long as it is parked) or
 # blocked. So a row goes only when no such row of its (subscriber, message) is left -- a lookup in
 # the partial unique index outbox_undelivered_message -- and it is older than

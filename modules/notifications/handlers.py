@@ -1,18 +1,29 @@
-"""One notification per payment outcome; the relay's inbox makes each one exactly once."""
+"""One notification per payment outcome; the relay commits each with its delivery's
+acknowledgement, so each one exactly once."""
 
 from __future__ import annotations
+
+from uuid import UUID
 
 from app.db import Database
 from app.messages import Event
 from app.uow import UnitOfWork
-from app.wiring import Envelope
+from app.wiring import BatchItem
 from modules.notifications.queries import ListNotifications, NotificationView
 from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
 NOTIFICATION_COLUMNS = {"order_id": "uuid", "kind": "text", "message": "text", "message_id": "uuid"}
 
 
-async def notify_customer(event: Event, uow: UnitOfWork, envelope: Envelope) -> None:
+async def notify_customers(items: list[BatchItem], uow: UnitOfWork) -> None:
+    """A batch subscription: the run's notifications staged together, written in one statement
+    with the run's commit."""
+    rows = [row for item in items if (row := _notification(item.event, item.envelope.message_id))]
+    uow.stage("notifications_sent", NOTIFICATION_COLUMNS, rows)
+    await uow.commit()
+
+
+def _notification(event: Event, message_id: UUID) -> tuple | None:
     match event:
         case PaymentCaptured():
             kind, message = "payment_captured", "Your payment was received; your order is on its way."
@@ -21,10 +32,8 @@ async def notify_customer(event: Event, uow: UnitOfWork, envelope: Envelope) -> 
         case PaymentFailed():  # the reason is the processor's error: for operators, not customers
             kind, message = "payment_failed", "We could not take your payment; the order is cancelled."
         case _:
-            return
-    # staged: the relay writes a run's notifications in one statement, with the run's commit
-    uow.stage("notifications_sent", NOTIFICATION_COLUMNS, [(event.order_id, kind, message, envelope.message_id)])
-    await uow.commit()
+            return None
+    return (event.order_id, kind, message, message_id)
 
 
 async def list_notifications(query: ListNotifications, db: Database) -> list[NotificationView]:

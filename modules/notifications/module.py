@@ -5,7 +5,8 @@ from modules.notifications import api, handlers
 from modules.notifications.queries import ListNotifications
 from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
-notify_customer = Subscription("notifications.notify_customer", handlers.notify_customer)
+# batch: a relay run's notifications are one handler call and one INSERT
+notify_customer = Subscription("notifications.notify_customer", handlers.notify_customers, batch=True)
 
 module = Module(
     name="notifications",

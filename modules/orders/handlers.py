@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from app.db import Database
 from app.mediator import Mediator
 from app.messages import CommandRejected
 from app.uow import UnitOfWork
+from app.wiring import BatchItem
 from modules.inventory.commands import ReserveStock, StockLine
 from modules.orders import idempotency
 from modules.orders.aggregate import Order
 from modules.orders.commands import OrderAccepted, PlaceOrder
-from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
 
 
 async def place_order(cmd: PlaceOrder, uow: UnitOfWork, mediator: Mediator, db: Database) -> OrderAccepted:
@@ -46,22 +48,24 @@ async def place_order(cmd: PlaceOrder, uow: UnitOfWork, mediator: Mediator, db: 
     return OrderAccepted(order_id=order_id, position=uow.positions[-1], placed_at=placed_at)
 
 
-async def mark_order_paid(event: PaymentCaptured, uow: UnitOfWork) -> None:
+# Batch subscriptions (app/wiring.Subscription): a relay run's orders are loaded in one SELECT,
+# and each is marked under its payment event's context, so its event carries that event's ids.
+async def mark_orders_paid(items: list[BatchItem], uow: UnitOfWork) -> None:
+    await _mark_each(items, uow, lambda order, event: order.mark_paid())
+
+
+async def mark_orders_payment_declined(items: list[BatchItem], uow: UnitOfWork) -> None:
+    await _mark_each(items, uow, lambda order, event: order.mark_payment_declined(event.reason))
+
+
+async def mark_orders_payment_failed(items: list[BatchItem], uow: UnitOfWork) -> None:
+    await _mark_each(items, uow, lambda order, event: order.mark_payment_failed(event.reason))
+
+
+async def _mark_each(items: list[BatchItem], uow: UnitOfWork, mark: Callable[[Order, Any], None]) -> None:
     async with uow:
-        order = await uow.get(Order, event.order_id)
-        order.mark_paid()
-        await uow.commit()
-
-
-async def mark_order_payment_declined(event: PaymentDeclined, uow: UnitOfWork) -> None:
-    async with uow:
-        order = await uow.get(Order, event.order_id)
-        order.mark_payment_declined(event.reason)
-        await uow.commit()
-
-
-async def mark_order_payment_failed(event: PaymentFailed, uow: UnitOfWork) -> None:
-    async with uow:
-        order = await uow.get(Order, event.order_id)
-        order.mark_payment_failed(event.reason)
-        await uow.commit()
+        orders = await uow.get_many(Order, [item.event.order_id for item in items])
+        for item, order in zip(items, orders, strict=True):
+            with item.recording():
+                mark(order, item.event)
+                await uow.commit()

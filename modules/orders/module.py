@@ -19,9 +19,14 @@ module = Module(
         OrderPaymentFailed: read_model.project_order_view,
     },
     subscriptions={
-        PaymentCaptured: [Subscription("orders.mark_order_paid", handlers.mark_order_paid)],
-        PaymentDeclined: [Subscription("orders.mark_order_payment_declined", handlers.mark_order_payment_declined)],
-        PaymentFailed: [Subscription("orders.mark_order_payment_failed", handlers.mark_order_payment_failed)],
+        # batch: a relay run's orders loaded in one SELECT (handlers._mark_each)
+        PaymentCaptured: [Subscription("orders.mark_order_paid", handlers.mark_orders_paid, batch=True)],
+        PaymentDeclined: [
+            Subscription("orders.mark_order_payment_declined", handlers.mark_orders_payment_declined, batch=True)
+        ],
+        PaymentFailed: [
+            Subscription("orders.mark_order_payment_failed", handlers.mark_orders_payment_failed, batch=True)
+        ],
     },
     # the view's old subscription: delivers the outbox rows written before it was inline
     retired=[Subscription(read_model.VIEW, read_model.drain_order_view)],

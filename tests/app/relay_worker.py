@@ -190,7 +190,7 @@ class HangOnThirdCharge:
 
 
 class HangBeforeAck(Relay):
-    async def _acknowledge(self, conn, ids, subscriber, applied) -> int:
+    async def _acknowledge(self, conn, ids) -> int:
         print("applied", flush=True)  # handlers ran; their transaction has not committed
         await asyncio.Event().wait()
         return 0

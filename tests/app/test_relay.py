@@ -301,38 +301,63 @@ async def test_a_row_applied_by_relays_that_died_before_acknowledging_is_acknowl
 # -- the inbox ----------------------------------------------------------------------------------
 
 
-async def test_a_redelivered_message_is_acknowledged_without_running_the_handler_again(db, settings):
+async def test_a_delivery_whose_commit_was_lost_is_applied_once_when_delivered_again(db, settings):
+    """Replaces "a redelivered message is acknowledged without running the handler again": with
+    no inbox row per delivery, a message comes again only if its effects were lost with its
+    acknowledgement (here: the transaction rolled back after the handler ran), and then the
+    next delivery applies it -- once."""
     log: list = []
     relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(calls(log))))
     [key] = await append(relay.system, 1, 1)
-    row = await db.fetchrow(
-        "SELECT message_id, position, subscriber, type, partition_key, payload, headers FROM outbox"
-    )
-    await relay.drain()
+    acknowledge = relay._delivery.acknowledge
 
-    # the same message again, as after an acknowledgement that never reached the database
-    await db.execute("DELETE FROM outbox")
-    await db.execute(
-        "INSERT INTO outbox (message_id, position, subscriber, type, partition_key, payload, headers)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        *row.values(),
-    )
+    async def lost(conn, ids):
+        await acknowledge(conn, ids)
+        raise ConnectionResetError("the commit never reached the database")
+
+    relay._delivery.acknowledge = lost  # the fast run fails so, then its careful retry
+    await relay.run_once()
+    relay._delivery.acknowledge = acknowledge
+    assert await applied(db) == {}
+    await db.execute("UPDATE outbox SET available_at = now()")  # skip the retry's backoff
+
     assert await relay.drain() == 1
 
-    assert log == [(key, 1, 1)]
+    assert log == [(key, 1, 1), (key, 1, 1), (key, 1, 2)]  # ran three times, only the last committed
     assert await applied(db) == {key: [1]}
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
+    assert await db.fetchval("SELECT count(*) FROM inbox") == 0  # no inbox row per delivery
 
 
-async def test_a_message_already_in_the_inbox_is_acknowledged_without_running_the_handler(db, settings):
+async def test_a_redelivered_message_an_older_relay_applied_is_acknowledged_without_running_the_handler(
+    db, settings
+):
+    """A relay before the lease-checked acknowledgement could commit an effect and its inbox
+    row without the acknowledgement; the row then came again as a redelivery (last_error set):
+    such rows are acknowledged without running the handler."""
     log: list = []
     relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(calls(log))))
     await append(relay.system, 1, 1)
     await db.execute("INSERT INTO inbox (subscriber, message_id) SELECT subscriber, message_id FROM outbox")
+    await db.execute("UPDATE outbox SET last_error = 'lease expired: relay old stopped without an outcome'")
 
     assert await relay.drain() == 1
 
     assert log == []
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
+
+
+async def test_the_first_delivery_of_a_message_neither_reads_nor_writes_the_inbox(db, settings):
+    log: list = []
+    relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(calls(log))))
+    [key] = await append(relay.system, 1, 1)
+    # an inbox row no first delivery can have: were it read, the handler would not run
+    await db.execute("INSERT INTO inbox (subscriber, message_id) SELECT subscriber, message_id FROM outbox")
+
+    assert await relay.drain() == 1
+
+    assert log == [(key, 1, 1)]
+    assert await db.fetchval("SELECT count(*) FROM inbox") == 1  # the one written above, no other
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
 
 

@@ -1,5 +1,5 @@
 """The relay's fast path: a run of one subscriber's deliveries in one transaction without
-savepoints, the inbox rows written in one statement. What must hold: a handler failure rolls the
+savepoints, acknowledged in one statement. What must hold: a handler failure rolls the
 run back and costs nothing but a re-run of that run's earlier deliveries (each still applied
 once); a run that appended events commits once it has held them RUN_HOLD_SECONDS, and the rest
 is still delivered;
@@ -16,7 +16,7 @@ from app.aggregate import Aggregate
 from app.bootstrap import bootstrap
 from app.messages import Event
 from app.relay import Relay
-from app.relay.delivery import ACK_WITH_INBOX_SQL
+from app.relay.ack import ACK_SQL
 from app.uow import UnitOfWork
 from app.wiring import Envelope, Module, Subscription
 from tests.app.relay_worker import (
@@ -111,11 +111,12 @@ async def test_a_run_that_appended_events_commits_once_it_has_held_them_long_eno
 
     assert await relay.run_once() == 8
 
-    assert ran == keys  # every delivery ran, in order, once: the inbox rows the run took back did not hide any
+    assert ran == keys  # every delivery ran, in order, once
     echoes = await db.fetch("SELECT stream_id FROM events WHERE type = 'testing.Echoed' ORDER BY position")
     assert [r["stream_id"] for r in echoes] == [f"echo-{k}" for k in keys if int(k[-1]) % 2 == 0]
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
-    assert await db.fetchval("SELECT count(*) FROM inbox WHERE subscriber = $1", SUBSCRIBER) == 8
+    assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'delivered'") == 8
+    assert await db.fetchval("SELECT count(*) FROM inbox") == 0  # no inbox row per delivery
     # runs end after each delivery that appended: acknowledgements and echoes committed together,
     # in the transactions {0}, {1, 2}, {3, 4}, {5, 6}, {7}
     assert await delivery_transactions(db) == [[0], [1, 2], [3, 4], [5, 6], [7]]
@@ -316,13 +317,13 @@ async def test_a_run_whose_append_loses_a_race_runs_again_on_fresh_state(db, set
 
 
 async def test_the_acknowledgement_makes_only_its_own_transaction_commit_without_a_flush_wait(db):
-    """A delivery's transaction commits asynchronously (ACK_WITH_INBOX_SQL turns
+    """A delivery's transaction commits asynchronously (ACK_SQL turns
     synchronous_commit off for it, whether or not it matched rows); the connection's next
     transaction -- e.g. a request's, on the same pooled connection -- is durable again."""
     async with db.acquire() as conn:
         for ids in ([], [-1]):
             async with conn.transaction():
                 assert await conn.fetchval("SHOW synchronous_commit") == "on"
-                await conn.execute(ACK_WITH_INBOX_SQL, ids, "relay-test", SUBSCRIBER, [])
+                await conn.execute(ACK_SQL, ids, "relay-test")
                 assert await conn.fetchval("SHOW synchronous_commit") == "off"
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
