@@ -36,6 +36,7 @@ from typing import Annotated
 import asyncpg
 import msgspec
 from litestar import Litestar, Response, get, post
+from litestar.params import JSONBody
 
 # Outbox subscribers of orders.OrderPlaced in the example modules (the harness checks this list
 # against switchboard's event catalog before it runs, so a new subscription cannot go unnoticed).
@@ -230,7 +231,7 @@ def create_app() -> Litestar:
         return {"status": "ready"}
 
     @post("/orders", status_code=201)
-    async def place(data: PlaceOrderRequest) -> Response:
+    async def place(data: JSONBody[PlaceOrderRequest]) -> Response:
         pool = pool_holder["pool"]
         order_id = uuid.uuid4()
         metadata = _encode({"correlation_id": uuid.uuid4().hex, "causation_id": None}).decode()
