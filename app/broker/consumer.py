@@ -13,6 +13,8 @@ the delivery that exhausts its attempts parks the message in this database's `de
 through the relay's own path: it becomes an outbox row of the subscriber, leased to this
 consumer, which settle.py dead-letters (with the subscription's compensation). So `dlq list`,
 `replay` (the local relay then delivers it) and `discard` work on it as on any other letter.
+The key's later messages then join it in the outbox (QUEUE_BEHIND_SQL), as a commit's would:
+ordered dead-lettering holds for messages from the broker too.
 """
 
 from __future__ import annotations
@@ -57,6 +59,17 @@ INSERT INTO outbox (message_id, position, subscriber, type, partition_key, paylo
 VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8, $9, now() + make_interval(secs => $10), now())
 ON CONFLICT (subscriber, message_id) WHERE status <> 'delivered' DO NOTHING
 RETURNING id, message_id, position, subscriber, type, payload, headers, attempts, 0.0::float8 AS age
+"""
+# A key with undelivered rows of this subscriber in this database's outbox (a dead letter and
+# what waits behind it, or a replayed one the relay is delivering) continues there: the message
+# joins them as a pending row, which the relay's claim holds back until every earlier row of its
+# key is delivered -- so a parked key stays parked for messages from the broker too.
+QUEUE_BEHIND_SQL = """
+INSERT INTO outbox (message_id, position, subscriber, type, partition_key, payload, headers)
+SELECT $1, $2, $3, $4, $5, $6::jsonb, $7::jsonb
+WHERE EXISTS (SELECT 1 FROM outbox WHERE subscriber = $3 AND partition_key = $5 AND status <> 'delivered')
+ON CONFLICT (subscriber, message_id) WHERE status <> 'delivered' DO NOTHING
+RETURNING 1
 """
 CONFLICT_RETRIES = 4  # a delivery that lost an optimistic-concurrency race decides again
 FETCH_WAIT = 1.0  # a pull waits this long for a message before the loop checks for a stop
@@ -192,6 +205,10 @@ class Consumer:
         uow = self.system.uow()
         async with uow:
             conn = await uow.transaction()
+            if await conn.fetchval(QUEUE_BEHIND_SQL, *self._columns(row)):
+                await uow.commit()
+                self.system.db.outbox_written()  # this process's relay delivers it in turn
+                return
             if await conn.fetchval(INBOX_SQL, self.subscriber, row["message_id"]):
                 event, envelope, headers = open_row(self.system.catalog, row)
                 with observe.Delivery(row, headers):
@@ -216,14 +233,17 @@ class Consumer:
             "age": 0.0,
         }
 
+    def _columns(self, row: dict) -> tuple:
+        """The outbox columns of the message: id, position, subscriber, type, key, payload, headers."""
+        return (row["message_id"], row["position"], self.subscriber, row["type"], row["partition_key"],
+                row["payload"].decode(), row["headers"].decode())  # fmt: skip
+
     async def park(self, row: dict, error: BaseException) -> None:
         """Dead-letter the message in this database (see the module's docstring)."""
         async with self.system.db.acquire() as conn:
             parked = await conn.fetchrow(
-                PARK_ROW_SQL, row["message_id"], row["position"], self.subscriber, row["type"],
-                row["partition_key"], row["payload"].decode(), row["headers"].decode(), row["attempts"],
-                self.instance_id, self.lease_seconds,
-            )  # fmt: skip
+                PARK_ROW_SQL, *self._columns(row), row["attempts"], self.instance_id, self.lease_seconds
+            )
         if parked is None:
             return  # parked by an earlier delivery whose ack was lost
         # its attempts are the deliveries: exhausted (or a PermanentError), so settle() parks it

@@ -237,3 +237,31 @@ async def test_a_publish_jetstream_does_not_acknowledge_is_retried_with_its_erro
 async def test_a_consumer_is_only_for_a_subscription_hosted_here(system_b, js):
     with pytest.raises(ValueError, match="no subscription named 'orders.project_order_view' is hosted here"):
         Consumer(system_b, js, "orders.project_order_view")
+
+
+async def test_a_parked_key_holds_later_messages_back_until_its_letter_is_replayed(system, db, js, system_b, consumers):
+    order = uuid.uuid4()
+    first = await record_on_a(db, order, 1)
+    await Publisher(system, js, partitions=PARTITIONS).drain()
+    second = await record_on_a(db, order, 2)
+    await Publisher(system, js, partitions=PARTITIONS).drain()
+    consumer = Consumer(system_b, js, SUBSCRIBER, partitions=PARTITIONS)
+    real = consumer.bound.handler
+
+    async def fails_for_the_first(event, uow, envelope):
+        if envelope.message_id == first:
+            raise RuntimeError("mail server down")
+        await real(event, uow=uow, envelope=envelope)
+
+    consumer.bound = replace(consumer.bound, handler=fails_for_the_first)
+    await start(consumers, consumer)
+    await wait_for(lambda: acknowledged_everything(js), WAIT, "both messages settled")
+
+    assert await system_b.db.fetchval("SELECT count(*) FROM notifications_sent") == 0  # the second waits
+    waiting = await system_b.db.fetch("SELECT message_id, status FROM outbox ORDER BY id")
+    assert [(r["message_id"], r["status"]) for r in waiting] == [(first, "dead"), (second, "pending")]
+    (letter,) = await letters.parked_ids(system_b.db)
+    await letters.replay(system_b.db, [letter], "operator")
+    await Relay(system_b, instance_id="relay-b").drain()
+    sent = await system_b.db.fetch("SELECT message_id FROM notifications_sent ORDER BY id")
+    assert [r["message_id"] for r in sent] == [first, second]
