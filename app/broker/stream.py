@@ -10,6 +10,7 @@ as the outbox's does. Partitions run in parallel; keys in one partition share it
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -92,6 +93,18 @@ async def ensure_stream(js, replicas: int, *, name: str = STREAM, prefix: str = 
         max_age=MAX_AGE_SECONDS,
     )
     try:
-        return await js.add_stream(config)
+        await js.add_stream(config)
     except BadRequestError:  # exists with another configuration
-        return await js.update_stream(config)
+        await js.update_stream(config)
+    return await stream_ready(js, name)
+
+
+async def stream_ready(js, name: str = STREAM, timeout: float = 30.0):
+    """The stream's info once its replicas elected a leader: until then a publish finds no
+    responder (a replicated stream just created, or a cluster that lost its leader's node)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            info = await js.stream_info(name)
+            if info.cluster is None or info.cluster.leader:  # None: a single server, no election
+                return info
+            await asyncio.sleep(0.05)

@@ -29,6 +29,11 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
 
+class NodeDied(Exception):
+    """A node exited before the cluster was ready: its port was taken between free_port() and its
+    bind (other test sessions share the machine), so the cluster starts again on fresh ports."""
+
+
 @dataclass
 class Node:
     name: str
@@ -79,6 +84,9 @@ class NatsCluster:
         """Until every node reports a JetStream meta leader and a meta group of all the nodes."""
 
         async def ready() -> bool:
+            died = [n.name for n in self.nodes if n.process is None or n.process.poll() is not None]
+            if died:
+                raise NodeDied(f"{', '.join(died)} exited while starting:\n{self.log()}")
             for node in self.nodes:
                 try:
                     async with session.get(f"http://127.0.0.1:{node.monitor_port}/jsz") as response:
@@ -118,16 +126,29 @@ def stop_cluster(cluster: NatsCluster) -> None:
     assert not left, f"nats-server processes left running: {left}"
 
 
+async def ready_cluster(base: Path, attempts: int = 3) -> NatsCluster:
+    """A started cluster with a leader; on fresh ports again if a node died starting."""
+    async with aiohttp.ClientSession() as session:
+        for attempt in range(attempts):
+            cluster = start_cluster(base / f"try{attempt}")
+            try:
+                await cluster.wait_for_leader(session)
+                return cluster
+            except NodeDied:
+                stop_cluster(cluster)
+                if attempt == attempts - 1:
+                    raise
+            except BaseException:
+                stop_cluster(cluster)
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture
 async def nats_cluster(tmp_path: Path) -> AsyncIterator[NatsCluster]:
-    cluster = start_cluster(tmp_path / "nats")
+    cluster = await ready_cluster(tmp_path / "nats")
     try:
-        async with aiohttp.ClientSession() as session:
-            await cluster.wait_for_leader(session)
         yield cluster
-    except BaseException:
-        print(cluster.log())
-        raise
     finally:
         stop_cluster(cluster)
 
