@@ -265,3 +265,20 @@ async def test_a_parked_key_holds_later_messages_back_until_its_letter_is_replay
     await Relay(system_b, instance_id="relay-b").drain()
     sent = await system_b.db.fetch("SELECT message_id FROM notifications_sent ORDER BY id")
     assert [r["message_id"] for r in sent] == [first, second]
+
+
+async def test_running_publisher_and_consumer_carry_a_row_committed_after_they_started(system, db, js, system_b, consumers):
+    publisher = Publisher(system, js, partitions=PARTITIONS)
+    publisher.start()
+    try:
+        await start(consumers, Consumer(system_b, js, SUBSCRIBER, partitions=PARTITIONS))
+        message_id = await record_on_a(db, uuid.uuid4(), 1)
+        db.outbox_written()  # what A's commit does after writing outbox rows
+
+        await wait_for(lambda: system_b.db.fetchval("SELECT message_id FROM notifications_sent"), WAIT, "the notification")
+    finally:
+        await publisher.stop()
+
+    assert await system_b.db.fetchval("SELECT message_id FROM notifications_sent") == message_id
+    assert publisher.published == 1
+    assert await db.fetchval("SELECT status FROM outbox") == "delivered"
