@@ -28,12 +28,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if port_in_use(args.host, port):
         raise Failure(f"port {port} on {args.host} is already in use (another broker?); choose another with --port")
     store = settings.data_dir.absolute() / "nats"
-    store.mkdir(parents=True, exist_ok=True)
     try:
         command = server_command(args.host, port, store)
     except BinaryMissing as error:
         raise Failure(str(error)) from None
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    store.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
+    )
 
     def forward(signum, _frame) -> None:  # the server stops itself cleanly on either signal
         process.send_signal(signum)
@@ -54,3 +56,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if not ready or code not in (0, -signal.SIGINT, -signal.SIGTERM):
         raise Failure(f"nats-server stopped (exit {code}): {last.split('] ', 1)[-1] or 'no output'}")
     return 0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): the server gets SIGTERM when `broker` dies, even by
+    SIGKILL, instead of holding the port and the store as an orphan."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

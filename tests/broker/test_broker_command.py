@@ -15,6 +15,7 @@ import pytest
 
 from app.broker import server
 from app.broker.server import BinaryMissing, nats_server_binary
+from tests.broker.conftest import wait_gone
 from tests.scale.conftest import ROOT, alive, children, free_port
 from tests.test_cli_errors import env_for, one_line, run
 
@@ -85,3 +86,18 @@ def test_without_the_binary_the_error_says_what_to_install(tmp_path: Path, monke
 
 def test_the_binary_is_the_one_installed_beside_this_python():
     assert nats_server_binary() == str(Path(sys.executable).parent / "nats-server")
+
+
+async def test_a_killed_broker_takes_its_server_with_it(tmp_path: Path):
+    process = await start_broker(tmp_path, free_port())
+    servers = children(process.pid)
+
+    try:
+        process.kill()
+        await process.wait()
+
+        assert servers and all(wait_gone(pid) for pid in servers)
+    finally:
+        for pid in servers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
