@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("app.broker")
 
 PUBLISHER = "broker.publish"
+NO_RESPONDERS_PAUSE = 0.05  # between publishes the stream did not answer yet (see _publish)
 
 # The claim returns no partition key (the relay's handlers do not need it): read it for the batch.
 KEYS_SQL = "SELECT id, partition_key FROM outbox WHERE id = ANY($1::bigint[])"
@@ -132,12 +133,23 @@ class Publisher:
         return acknowledge(conn, ids, self.instance_id, PUBLISHER, [])
 
     async def _publish(self, row: dict) -> None:
+        """Publish within publish_timeout. "No responders" is answered at once while the stream's
+        leader is being elected or its interest has not yet reached the node this client uses
+        (a new stream, a lost node): tried again until the timeout rather than spending an attempt."""
+        from nats.js.errors import NoStreamResponseError
+
         headers = headers_of(row, decode_headers(row["headers"]))
         payload = row["payload"].encode() if isinstance(row["payload"], str) else bytes(row["payload"])
-        await self.js.publish(
-            subject(row["partition_key"], row["type"], self.partitions, self.prefix),
-            payload,
-            timeout=self.publish_timeout,
-            stream=self.stream,
-            headers=headers,
-        )
+        to = subject(row["partition_key"], row["type"], self.partitions, self.prefix)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.publish_timeout
+        while True:
+            try:
+                await self.js.publish(
+                    to, payload, timeout=max(0.1, deadline - loop.time()), stream=self.stream, headers=headers
+                )
+                return
+            except NoStreamResponseError:
+                if loop.time() + NO_RESPONDERS_PAUSE >= deadline:
+                    raise
+                await asyncio.sleep(NO_RESPONDERS_PAUSE)
