@@ -178,6 +178,15 @@ class Settings:
         unit="seconds",
         doc="orders: an `Idempotency-Key` of `POST /orders` is honoured this long (s) after its first use, then forgotten (a retry after that places a new order)",
     )
+    # broker (issue 15): events to modules behind another database travel through NATS JetStream
+    nats_url: str | None = setting(
+        None,
+        env="SWITCHBOARD_NATS_URL",
+        doc="`nats://HOST:PORT` (comma-separated for a cluster) of the JetStream servers between databases; unset: no broker, everything goes through this database's outbox",
+    )
+    broker_port: int = setting(
+        4222, env="SWITCHBOARD_BROKER_PORT", doc="port `switchboard broker` listens on (`broker --port`)"
+    )
     log_level: str = setting(
         "info",
         env="SWITCHBOARD_LOG_LEVEL",

@@ -39,6 +39,8 @@ ENV_NAMES = {
     "retry_max_attempts": "SWITCHBOARD_RETRY_MAX_ATTEMPTS",
     "reservation_ttl_seconds": "SWITCHBOARD_RESERVATION_TTL",
     "idempotency_retention_seconds": "SWITCHBOARD_IDEMPOTENCY_RETENTION",
+    "nats_url": "SWITCHBOARD_NATS_URL",
+    "broker_port": "SWITCHBOARD_BROKER_PORT",
     "log_level": "SWITCHBOARD_LOG_LEVEL",
     "log_format": "SWITCHBOARD_LOG_FORMAT",
 }

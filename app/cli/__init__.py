@@ -1,4 +1,4 @@
-"""The `switchboard` command: serve, migrate, relay, sql, services, outbox, dlq, describe."""
+"""The `switchboard` command: serve, migrate, relay, sql, services, outbox, dlq, describe, broker."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from app.cli.broker import add_broker_parser
 from app.cli.describe import add_describe_parser
 from app.cli.inspect import _resolve, cmd_dlq_list, cmd_dlq_show, cmd_outbox_status, cmd_services
 from app.cli.process import Failure, cmd_migrate, cmd_relay, cmd_serve, cmd_sql, find_psql
@@ -105,6 +106,7 @@ def parser() -> argparse.ArgumentParser:
         cmd.add_argument("--subscriber", help="with --all: only this subscriber's")
         cmd.set_defaults(fn=lambda a, action=action: _resolve(a, action))
     add_describe_parser(sub)
+    add_broker_parser(command, sub)
     return p
 
 

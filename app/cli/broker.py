@@ -1,0 +1,67 @@
+"""`switchboard broker`: a local JetStream server for development, in the foreground, its store
+under the data dir; SIGINT/SIGTERM stop it cleanly (nats-server flushes its store on either)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import subprocess
+import sys
+
+from app.cli.process import Failure
+from app.settings import get_settings
+
+
+def add_broker_parser(command, sub) -> None:
+    broker = command(sub, "broker", help="run a local NATS JetStream server (store under the data dir)")
+    broker.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    broker.add_argument("--port", type=int, help="port to listen on (default: SWITCHBOARD_BROKER_PORT, 4222)")
+    broker.set_defaults(fn=cmd_broker)
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from app.broker.server import BinaryMissing, server_command
+    from app.ports import port_in_use
+
+    settings = get_settings()
+    port = args.port if args.port is not None else settings.broker_port
+    if port_in_use(args.host, port):
+        raise Failure(f"port {port} on {args.host} is already in use (another broker?); choose another with --port")
+    store = settings.data_dir.absolute() / "nats"
+    try:
+        command = server_command(args.host, port, store)
+    except BinaryMissing as error:
+        raise Failure(str(error)) from None
+    store.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
+    )
+
+    def forward(signum, _frame) -> None:  # the server stops itself cleanly on either signal
+        process.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    assert process.stderr is not None
+    ready = False
+    last = ""
+    for line in process.stderr:  # its log: wait for "Server is ready", keep the last line for errors
+        last = line.strip()
+        if "Server is ready" in line and not ready:
+            ready = True
+            print(f"switchboard: JetStream broker on nats://{args.host}:{port} (store {store})", flush=True)
+        elif ready and ("[ERR]" in line or "[FTL]" in line):
+            print(f"switchboard: broker: {last.split('] ', 1)[-1]}", file=sys.stderr, flush=True)
+    code = process.wait()
+    if not ready or code not in (0, -signal.SIGINT, -signal.SIGTERM):
+        raise Failure(f"nats-server stopped (exit {code}): {last.split('] ', 1)[-1] or 'no output'}")
+    return 0
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec (Linux): the server gets SIGTERM when `broker` dies, even by
+    SIGKILL, instead of holding the port and the store as an orphan."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
