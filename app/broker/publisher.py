@@ -57,6 +57,7 @@ class Publisher:
         self.publish_timeout = publish_timeout
         self.poll_seconds = settings.relay_poll_seconds
         self.batch_size = settings.relay_batch_size
+        self._delete = settings.outbox_retention_seconds <= 0  # as the relay acknowledges
         self._claims = Claims(
             self.db, self.instance_id, [PUBLISHER], self.batch_size, settings.relay_lease_seconds
         )
@@ -130,7 +131,7 @@ class Publisher:
 
     def acknowledge(self, conn, ids: list[int]):
         """The outbox acknowledgement, after JetStream's: the seam where a test crashes between them."""
-        return acknowledge(conn, ids, self.instance_id, PUBLISHER, [])
+        return acknowledge(conn, ids, self.instance_id, delete=self._delete)
 
     async def _publish(self, row: dict) -> None:
         """Publish within publish_timeout. "No responders" is answered at once while the stream's
