@@ -41,7 +41,7 @@ from app.broker.stream import (
 from app.conflicts import retry_on_conflict
 from app.messages import PermanentError
 from app.relay.policy import LeaseExpired, RetryPolicies
-from app.relay.rows import open_row
+from app.relay.rows import call_one, open_row
 from app.relay.settle import Outcome, settle
 
 if TYPE_CHECKING:
@@ -212,7 +212,7 @@ class Consumer:
             if await conn.fetchval(INBOX_SQL, self.subscriber, row["message_id"]):
                 event, envelope, headers = open_row(self.system.catalog, row)
                 with observe.Delivery(row, headers):
-                    await self.bound.handler(event, uow=uow.child(), envelope=envelope)
+                    await call_one(self.bound, event, envelope, uow.child())
                 self.applied += 1
             await uow.commit()
 

@@ -19,7 +19,7 @@ from app.messages import ConcurrencyError, PermanentError
 from app.relay import fast
 from app.relay.ack import held_all
 from app.relay.policy import LeaseExpired, RetryPolicies
-from app.relay.rows import decode_headers, open_row
+from app.relay.rows import call_one, decode_headers, open_row
 from app.relay.settle import Outcome
 from app.uow import UnitOfWork
 from app.wiring import BatchItem
@@ -199,10 +199,7 @@ class Delivery:
         self._check(bound, row)
         event, envelope, headers = open_row(self.system.catalog, row)
         with observe.Delivery(row, headers):  # its log fields, its span (parent: the event's), its debug line
-            if bound.subscription.batch:
-                await bound.handler([BatchItem(event, envelope)], uow=uow, envelope=envelope)
-            else:
-                await bound.handler(event, uow=uow, envelope=envelope)
+            await call_one(bound, event, envelope, uow)
 
     async def apply_batch(self, bound, uow: UnitOfWork, rows: list) -> None:
         """Run a batch subscription's handler once for `rows`. One log scope, span and debug line

@@ -10,7 +10,7 @@ import msgspec
 from app import context
 from app.eventstore import EventCatalog
 from app.messages import Event
-from app.wiring import Envelope
+from app.wiring import BatchItem, Envelope
 
 decode_headers = msgspec.json.Decoder(dict[str, Any]).decode
 
@@ -30,3 +30,11 @@ def open_row(catalog: EventCatalog, row) -> tuple[Event, Envelope, dict[str, Any
         headers=headers,
     )
     return event, envelope, headers
+
+
+async def call_one(bound, event: Event, envelope: Envelope, uow) -> None:
+    """Run one delivery's handler: a batch subscription's with a one-item batch."""
+    if bound.subscription.batch:
+        await bound.handler([BatchItem(event, envelope)], uow=uow, envelope=envelope)
+    else:
+        await bound.handler(event, uow=uow, envelope=envelope)
