@@ -20,13 +20,6 @@ PROBLEM = "application/problem+json"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
-@pytest.fixture
-def settings(base_settings, request):
-    """The suite's settings; `@pytest.mark.parametrize("settings", [N], indirect=True)` keeps
-    delivered outbox rows N seconds (the default, 0, deletes them on delivery)."""
-    return replace(base_settings, outbox_retention_seconds=getattr(request, "param", 0.0))
-
-
 async def paid_order(client, correlation_id: str) -> None:
     await client.post("/inventory/items", json={"sku": "widget", "quantity": 5})
     body = {"customer_id": "c-1", "items": [{"sku": "widget", "quantity": 1}], "payment_method": "pm_card_ok"}
@@ -224,7 +217,7 @@ async def test_values_from_the_database_are_escaped(client, app_relay):
         assert "&lt;script&gt;alert(&#x27;message&#x27;)&lt;/script&gt;" in page, path
 
 
-@pytest.mark.parametrize("settings", [3600.0], indirect=True)  # the delivered rows are what it shows
+@pytest.mark.outbox_retention(3600)  # the delivered rows are what it shows
 async def test_searching_a_correlation_id_shows_its_events_and_deliveries_in_order(client, app_relay):
     await client.post("/inventory/items", json={"sku": "widget", "quantity": 5})
     body = {"customer_id": "c-1", "items": [{"sku": "widget", "quantity": 1}], "payment_method": "pm_card_ok"}
@@ -282,7 +275,7 @@ async def test_without_outbox_retention_the_panel_has_no_delivered_count_and_nam
     assert "switchboard_relay_delivered_total" in page and "SWITCHBOARD_OUTBOX_RETENTION=0" in page
 
 
-@pytest.mark.parametrize("settings", [3600.0], indirect=True)
+@pytest.mark.outbox_retention(3600)
 async def test_with_outbox_retention_the_panel_counts_the_deliveries_of_the_last_minute(client, app_relay):
     await paid_order(client, "rate-kept")
     await app_relay.drain()
