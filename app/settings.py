@@ -142,11 +142,13 @@ class Settings:
         unit="seconds",
         doc="after a wake-up the relay waits this long (s) before it claims, so the next commits' rows go in the same claim; `0`: claim at once (lower lag, more transactions)",
     )
+    # 0 deletes a row in the acknowledgement itself: no 'delivered' version of the row, no index
+    # entries for it, no purge later. Keeping rows is for inspecting what was delivered.
     outbox_retention_seconds: float = setting(
-        3600.0,
+        0.0,
         env="SWITCHBOARD_OUTBOX_RETENTION",
         unit="seconds",
-        doc="delivered outbox rows stay visible in `outbox` this long (s)",
+        doc="`0`: an outbox row is deleted when it is delivered; N > 0: delivered rows stay in `outbox` N seconds for inspection (`switchboard outbox`, the dashboard's correlation search), at the cost of more WAL, index entries and a purge per row",
     )
     inbox_retention_seconds: float = setting(
         3600.0,

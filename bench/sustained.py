@@ -11,6 +11,7 @@ the last pass and the failure.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -45,18 +46,32 @@ def rows_per_order(modules: Iterable | None = None, events: Iterable[str] = HAPP
     )
 
 
+# Rows the outbox took in, not rows it holds: delivered rows are deleted on acknowledgement by
+# default (SWITCHBOARD_OUTBOX_RETENTION=0). The database is fresh, so its counter started at zero;
+# it counts rolled-back inserts too (a transaction that wrote its rows, then conflicted or lost
+# its lease), so under contention it reads high, never low.
 MEASURED_SQL = """
-SELECT (SELECT count(*) FROM outbox) AS rows,
+SELECT (SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'outbox') AS rows,
        (SELECT count(*) FROM events WHERE type = 'orders.OrderPlaced') AS orders,
        (SELECT count(*) FROM outbox WHERE status <> 'delivered') AS undelivered
 """
+# A backend reports its counters when it exits at the latest: wait for the server's to be gone.
+OTHER_BACKENDS_SQL = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()"
 
 
-async def measured_rows_per_order(url: str) -> dict:
-    """Outbox rows per order in a database that only P1-style orders went into (delivered rows
-    stay for the outbox retention, an hour by default): meaningful once nothing is undelivered."""
+async def measured_rows_per_order(url: str, timeout: float = 30.0) -> dict:
+    """Outbox rows per order in a fresh database that only P1-style orders went into, read after
+    the server stopped: meaningful once nothing is undelivered."""
     conn = await asyncpg.connect(url)
     try:
+        try:
+            async with asyncio.timeout(timeout):
+                # another process's backends: no event to await, so poll
+                while await conn.fetchval(OTHER_BACKENDS_SQL):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise RuntimeError(f"the server's connections to the database were still open {timeout:g} s after it stopped") from None
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
         row = await conn.fetchrow(MEASURED_SQL)
     finally:
         await conn.close()

@@ -54,9 +54,17 @@ def base_settings(database_url: str) -> Settings:
     )
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line(
+        "markers", "outbox_retention(seconds): delivered outbox rows kept that long (default 0: deleted on delivery)"
+    )
+
+
 @pytest.fixture
-def settings(base_settings: Settings) -> Settings:
-    return base_settings
+def settings(base_settings: Settings, request) -> Settings:
+    """`@pytest.mark.outbox_retention(3600)` on a test that reads delivered outbox rows keeps them."""
+    marker = request.node.get_closest_marker("outbox_retention")
+    return base_settings if marker is None else replace(base_settings, outbox_retention_seconds=marker.args[0])
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,7 @@ async def labels_table(db):
     await db.execute("DROP TABLE labels_archive")
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_a_new_module_boots_with_the_real_ones_and_runs_its_command_and_its_subscriber(
     settings, db, labels_package, labels_table
 ):

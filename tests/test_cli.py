@@ -18,9 +18,11 @@ from modules.orders.commands import OrderLine, PlaceOrder
 ROOT = Path(__file__).resolve().parents[1]
 
 
-async def switchboard(database_url: str, *args: str, path: str | None = None) -> tuple[int, str, str]:
-    """Run `python -m app ARGS` with DATABASE_URL set; returns (exit code, stdout, stderr)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+async def switchboard(
+    database_url: str, *args: str, path: str | None = None, environ: dict[str, str] | None = None
+) -> tuple[int, str, str]:
+    """Run `python -m app ARGS` with DATABASE_URL (and `environ`) set; returns (exit code, stdout, stderr)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")} | (environ or {})
     env["DATABASE_URL"] = database_url
     if path is not None:
         env["PATH"] = path
@@ -55,6 +57,16 @@ async def test_outbox_status_shows_the_parked_dead_letter_and_its_key(database_u
     assert re.search(r"^payments\.charge_order +dead +1 +5 ", out, re.MULTILINE), out
     assert "parked dead letters: 1" in out
     assert re.search(rf"^payments\.charge_order +order-\S+ +{letter_id} +0 ", out, re.MULTILINE), out
+
+
+async def test_outbox_status_says_delivered_rows_are_deleted_and_where_their_rate_is(database_url, letter_id):
+    code, out, err = await switchboard(database_url, "outbox", "status")
+    kept = await switchboard(database_url, "outbox", "status", environ={"SWITCHBOARD_OUTBOX_RETENTION": "3600"})
+
+    assert code == 0, err
+    assert "delivered rows: none kept (SWITCHBOARD_OUTBOX_RETENTION=0" in out
+    assert "switchboard_relay_delivered_total" in out
+    assert kept[0] == 0 and "delivered rows" not in kept[1] and "payments.charge_order" in kept[1], kept
 
 
 async def test_dlq_list_json_lists_the_parked_dead_letter(database_url, letter_id):

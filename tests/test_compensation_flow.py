@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from uuid import UUID
 
+import pytest
+
 from modules.inventory.queries import GetStockLevel
 from modules.payments.aggregate import Payment
 from modules.payments.gateway import fake_provider
@@ -81,6 +83,7 @@ async def test_a_dead_lettered_charge_records_one_payment_failed_with_the_error_
     assert (letter["status"], letter["compensation"]) == ("parked", "compensated")
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_replaying_the_dead_letter_of_a_failed_payment_charges_nothing_and_changes_nothing(
     client, app_relay, db
 ):

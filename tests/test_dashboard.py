@@ -20,6 +20,13 @@ PROBLEM = "application/problem+json"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
+async def paid_order(client, correlation_id: str) -> None:
+    await client.post("/inventory/items", json={"sku": "widget", "quantity": 5})
+    body = {"customer_id": "c-1", "items": [{"sku": "widget", "quantity": 1}], "payment_method": "pm_card_ok"}
+    placed = await client.post("/orders", json=body, headers={"X-Request-ID": correlation_id})
+    assert placed.status_code == 201, placed.text
+
+
 async def dead_letter(client, relay) -> int:
     """A parked dead letter: a broken card's charge, after all its attempts."""
     system = client.app.state.system
@@ -210,6 +217,7 @@ async def test_values_from_the_database_are_escaped(client, app_relay):
         assert "&lt;script&gt;alert(&#x27;message&#x27;)&lt;/script&gt;" in page, path
 
 
+@pytest.mark.outbox_retention(3600)  # the delivered rows are what it shows
 async def test_searching_a_correlation_id_shows_its_events_and_deliveries_in_order(client, app_relay):
     await client.post("/inventory/items", json={"sku": "widget", "quantity": 5})
     body = {"customer_id": "c-1", "items": [{"sku": "widget", "quantity": 1}], "payment_method": "pm_card_ok"}
@@ -249,3 +257,44 @@ async def test_the_dashboard_loads_nothing_from_another_host(client, app_relay):
     script = await client.get("/dashboard/static/htmx.min.js")
     assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
     assert script.content.startswith(b"var htmx=")
+
+
+def subscriber_headers(page: str) -> list[str]:
+    table = page[page.index("<h2>Subscribers</h2>"):]
+    return re.findall(r"<th>([^<]*)</th>", table[: table.index("</thead>")])
+
+
+async def test_without_outbox_retention_the_panel_has_no_delivered_count_and_names_the_metric(client, app_relay):
+    await paid_order(client, "rate-0")
+    await app_relay.drain()
+
+    page = (await client.get("/dashboard/panel", headers=BEARER)).text
+
+    assert "payments.charge_order" in page
+    assert "delivered / min" not in subscriber_headers(page) and "lag" in subscriber_headers(page)
+    assert "switchboard_relay_delivered_total" in page and "SWITCHBOARD_OUTBOX_RETENTION=0" in page
+
+
+@pytest.mark.outbox_retention(3600)
+async def test_with_outbox_retention_the_panel_counts_the_deliveries_of_the_last_minute(client, app_relay):
+    await paid_order(client, "rate-kept")
+    await app_relay.drain()
+
+    page = (await client.get("/dashboard/panel", headers=BEARER)).text
+
+    assert subscriber_headers(page)[-1] == "delivered / min"
+    row = re.search(r"<tr><td>payments\.charge_order</td>(.*?)</tr>", page).group(1)
+    assert re.findall(r'<td class="n[^"]*">([^<]*)</td>', row)[-1] == "1"
+    assert "switchboard_relay_delivered_total" not in page
+
+
+async def test_without_outbox_retention_the_search_lists_the_deliveries_still_to_make(client, app_relay):
+    await paid_order(client, "trace-0")
+
+    waiting = (await client.get("/dashboard/search?correlation_id=trace-0", headers=BEARER)).text
+    await app_relay.drain()
+    done = (await client.get("/dashboard/search?correlation_id=trace-0", headers=BEARER)).text
+
+    assert "payments.charge_order" in waiting and ">pending<" in waiting  # the charge is still to make
+    assert "payments.PaymentCaptured" in done and "<h2>Deliveries (0)</h2>" in done
+    assert "No delivery waiting or failing." in done and "deleted when it is delivered" in done

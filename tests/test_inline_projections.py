@@ -222,6 +222,7 @@ async def _as_before_the_upgrade(db, order_id: str) -> None:
     )
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_a_view_row_left_in_the_outbox_before_the_upgrade_is_still_delivered(client, app_relay, db):
     placed = await stocked_order(client, "pm_card_ok")
     await _as_before_the_upgrade(db, placed["order_id"])
@@ -233,6 +234,7 @@ async def test_a_view_row_left_in_the_outbox_before_the_upgrade_is_still_deliver
     assert (await client.get(f"/orders/{placed['order_id']}")).json()["items"] == [{"sku": "widget", "quantity": 2}]
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_an_order_paid_before_its_old_view_row_is_delivered_still_ends_paid(client, app_relay, db):
     placed = await stocked_order(client, "pm_card_ok")
     await _as_before_the_upgrade(db, placed["order_id"])

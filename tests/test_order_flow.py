@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from uuid import UUID
 
+import pytest
+
 from app.relay import Relay
 from modules.payments.gateway import fake_provider
 
@@ -220,6 +222,7 @@ async def test_a_broken_card_is_dead_lettered_and_the_order_ends_payment_failed(
     assert await order_status(client, placed["order_id"]) == "payment_failed"
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_replaying_a_compensated_charge_charges_nothing_and_keeps_its_history(client, app_relay, db):
     placed = await stocked_order(client, "pm_card_broken")
     await drain_until(app_relay, lambda: _has_dead_letters(db, 1))

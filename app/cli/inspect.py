@@ -55,6 +55,9 @@ def cmd_outbox_status(args: argparse.Namespace) -> int:
         _print_json(status)
         return 0
     _table(status["by_subscriber"], ["subscriber", "status", "rows", "max_attempts", "oldest_age_seconds", "oldest_due_seconds"])
+    if get_settings().outbox_retention_seconds <= 0:  # this process's setting: the cluster's, as a rule
+        print("\ndelivered rows: none kept (SWITCHBOARD_OUTBOX_RETENTION=0 deletes a row when it is delivered);"
+              " the delivery rate is switchboard_relay_delivered_total on /metrics")
     print(f"\nparked dead letters: {status['dead_letters_parked']}")
     if status["parked_keys"]:
         print("parked keys (later rows wait behind a dead letter):")

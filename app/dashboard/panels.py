@@ -22,7 +22,7 @@ def overview_panel(data: dict[str, Any], csrf: str | None) -> str:
         f"{e(data['instance'])}.</p>"
         f'<div class="grid"><section><h2>Instances</h2>{_services(data["services"])}</section>'
         f'<section><h2>Circuit breakers (this instance)</h2>{_breakers(data["breakers"])}</section></div>'
-        f'<h2>Subscribers</h2>{_subscribers(data["subscribers"])}'
+        f'<h2>Subscribers</h2>{_subscribers(data["subscribers"], data["delivered_kept"])}'
         f'<h2 id="dead-letters">Dead letters ({e(data["dead_letters_parked"])} parked)</h2>'
         f'{_letters(data["dead_letters"], csrf)}'
         f'<h2>Parked keys</h2>{_parked(data["parked_keys"])}'
@@ -48,7 +48,14 @@ def _breakers(breakers: list[dict]) -> str:
     return table(["module", "state", "failures"], rows, "No breakers.")
 
 
-def _subscribers(subscribers: list[dict]) -> str:
+# With no outbox retention a row is deleted when delivered: nothing in the table to count.
+RATE_ELSEWHERE = (
+    '<p class="muted">Delivered rows are deleted on delivery (<code>SWITCHBOARD_OUTBOX_RETENTION=0</code>): '
+    "the delivery rate is <code>switchboard_relay_delivered_total</code> on each instance's <code>/metrics</code>.</p>"
+)
+
+
+def _subscribers(subscribers: list[dict], delivered_kept: bool) -> str:
     rows = []
     for s in subscribers:
         lag_class = "warn" if (s["lag_seconds"] or 0) > 5 else ""
@@ -57,10 +64,14 @@ def _subscribers(subscribers: list[dict]) -> str:
             f'<td class="n">{e(s["inflight"])}</td><td class="n">{e(s["blocked"])}</td>'
             f'<td class="n {"bad" if s["dead"] else ""}">{e(s["dead"])}</td>'
             f'<td class="n">{e(age(s["oldest_age_seconds"]))}</td>'
-            f'<td class="n {lag_class}">{e(age(s["lag_seconds"]))}</td><td class="n">{e(s["per_minute"])}</td></tr>'
+            f'<td class="n {lag_class}">{e(age(s["lag_seconds"]))}</td>'
+            + (f'<td class="n">{e(s["per_minute"])}</td>' if delivered_kept else "")
+            + "</tr>"
         )
-    headers = ["subscriber", "pending", "in flight", "blocked", "dead", "oldest", "lag", "delivered / min"]
-    return table(headers, rows, "No subscribers.")
+    headers = ["subscriber", "pending", "in flight", "blocked", "dead", "oldest", "lag"]
+    if delivered_kept:
+        return table([*headers, "delivered / min"], rows, "No subscribers.")
+    return table(headers, rows, "No subscribers.") + RATE_ELSEWHERE
 
 
 def _letters(letters: list[dict], csrf: str | None) -> str:
@@ -136,6 +147,12 @@ def letter_page(letter: dict[str, Any], csrf: str | None) -> str:
     )
 
 
+DELIVERED_GONE = (
+    '<p class="muted">Only deliveries still to make are listed: with <code>SWITCHBOARD_OUTBOX_RETENTION=0</code> '
+    "a row is deleted when it is delivered, so a subscriber of these events with no row here has had its delivery.</p>"
+)
+
+
 def search_page(correlation_id: str, found: dict[str, Any] | None, problem: str | None = None) -> str:
     head = f"<h2>Correlation id</h2><p>{search_form(correlation_id)}</p>"
     if problem:
@@ -167,7 +184,9 @@ def search_page(correlation_id: str, found: dict[str, Any] | None, problem: str 
         + table(["position", "recorded", "event", "stream", "data"], events, "No event carries this correlation id.")
         + f"<h2>Deliveries ({len(deliveries)})</h2>"
         + table(["position", "event", "subscriber", "status", "attempts", "delivered", "last error"], deliveries,
-                "No outbox rows (delivered rows are purged after the retention period).")
+                "No outbox rows (delivered rows are purged after the retention period)." if found["delivered_kept"]
+                else "No delivery waiting or failing.")
+        + ("" if found["delivered_kept"] else DELIVERED_GONE)
         + f"<h2>Dead letters ({len(letters)})</h2>"
         + table(["letter", "position", "subscriber", "status", "error", "resolved by"], letters, "None.")
     )

@@ -1,7 +1,8 @@
 """What the dashboard reads. The live panel runs every two seconds per open page, so it reads only
 undelivered outbox rows (the partial indexes on them), delivered rows of the last minute (the
-index on delivered_at) and parked dead letters; never the hour of delivered rows kept for
-inspection. The correlation search adds no index to `events` (one would cost every append):
+index on delivered_at) and parked dead letters; never the delivered rows kept for inspection.
+With no outbox retention (the default) a row is deleted when it is delivered, so there is no
+delivered row to count or show: the panel says where the delivery rate is instead. The correlation search adds no index to `events` (one would cost every append):
 it scans a bounded window of the newest events by primary key instead."""
 
 from __future__ import annotations
@@ -16,18 +17,22 @@ from app.relay import dead_letters as dlq
 SEARCH_WINDOW = 100_000  # newest events (and their outbox rows) a correlation search looks through
 CORRELATION_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # what the HTTP edge accepts as X-Request-ID
 
-SUBSCRIBERS_SQL = """
+# Undelivered rows per subscriber; with delivered rows kept, their count of the last minute joins.
+WAITING_SQL = """
+SELECT subscriber,
+       count(*) FILTER (WHERE status = 'pending' AND (locked_until IS NULL OR locked_until <= now())) AS pending,
+       count(*) FILTER (WHERE status = 'pending' AND locked_until > now()) AS inflight,
+       count(*) FILTER (WHERE status = 'blocked') AS blocked,
+       count(*) FILTER (WHERE status = 'dead') AS dead,
+       extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds,
+       extract(epoch FROM now() - min(available_at)
+               FILTER (WHERE status = 'pending' AND available_at <= now()))::float8 AS lag_seconds
+FROM outbox WHERE status <> 'delivered' GROUP BY subscriber
+"""
+
+SUBSCRIBERS_SQL = f"""
 WITH waiting AS (
-    SELECT subscriber,
-           count(*) FILTER (WHERE status = 'pending' AND (locked_until IS NULL OR locked_until <= now())) AS pending,
-           count(*) FILTER (WHERE status = 'pending' AND locked_until > now()) AS inflight,
-           count(*) FILTER (WHERE status = 'blocked') AS blocked,
-           count(*) FILTER (WHERE status = 'dead') AS dead,
-           extract(epoch FROM now() - min(created_at))::float8 AS oldest_age_seconds,
-           extract(epoch FROM now() - min(available_at)
-                   FILTER (WHERE status = 'pending' AND available_at <= now()))::float8 AS lag_seconds
-    FROM outbox WHERE status <> 'delivered' GROUP BY subscriber
-), delivered AS (
+{WAITING_SQL}), delivered AS (
     SELECT subscriber, count(*) AS per_minute FROM outbox
     WHERE status = 'delivered' AND delivered_at > now() - interval '1 minute' GROUP BY subscriber
 )
@@ -75,13 +80,17 @@ FROM dead_letters WHERE message_id = ANY($1::uuid[]) ORDER BY position, id
 async def overview(db: Database, system) -> dict[str, Any]:
     """Everything the live panel shows, read in one go."""
     settings = system.settings
-    rows = {r["subscriber"]: dict(r) for r in await db.fetch(SUBSCRIBERS_SQL)}
+    kept = settings.outbox_retention_seconds > 0
+    rows = {r["subscriber"]: dict(r) for r in await db.fetch(SUBSCRIBERS_SQL if kept else WAITING_SQL)}
     empty = {"pending": 0, "inflight": 0, "blocked": 0, "dead": 0, "oldest_age_seconds": None,
-             "lag_seconds": None, "per_minute": 0}
+             "lag_seconds": None, "per_minute": 0 if kept else None}
+    for row in rows.values():
+        row.setdefault("per_minute", None)  # None: not counted, the rows are gone
     for name in system.subscriptions:  # idle subscribers are listed too, with zeros
         rows.setdefault(name, {"subscriber": name, **empty})
     return {
         "instance": settings.instance_id,
+        "delivered_kept": kept,
         "services": await list_services(db, settings.heartbeat_seconds * STALE_AFTER_BEATS, include_stale=True),
         "subscribers": [rows[name] for name in sorted(rows)],
         "breakers": breakers(system.mediator),
@@ -111,4 +120,5 @@ async def correlation(db: Database, system, correlation_id: str) -> dict[str, An
     fanout = max((len(s) for s in system.catalog.subscribers.values()), default=1) or 1
     deliveries = [dict(r) for r in await db.fetch(DELIVERIES_SQL, ids, SEARCH_WINDOW * fanout)] if ids else []
     letters = [dict(r) for r in await db.fetch(LETTERS_OF_SQL, ids)] if ids else []
-    return {"events": events, "deliveries": deliveries, "dead_letters": letters, "window": SEARCH_WINDOW}
+    return {"events": events, "deliveries": deliveries, "dead_letters": letters, "window": SEARCH_WINDOW,
+            "delivered_kept": system.settings.outbox_retention_seconds > 0}

@@ -76,6 +76,7 @@ async def applied_by_a_stale_relay(settings, db, taker_fails_with: type[Exceptio
     return Relay(system, instance_id="relay-c"), message_id
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_inbox_rows_past_the_retention_whose_messages_are_delivered_go_in_batches_and_fresh_ones_stay(
     db, settings, monkeypatch
 ):
@@ -111,6 +112,7 @@ async def test_an_old_inbox_row_stays_while_its_message_waits_for_a_retry(db, se
     assert await effects_of(db, message_id) == 1  # the retry is acknowledged, not applied again
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_a_dead_letter_replayed_after_the_purge_is_not_applied_twice(db, settings):
     relay, message_id = await applied_by_a_stale_relay(settings, db, PermanentError)
     await age_inbox(db, 86400.0)  # parked for a day: far past the inbox retention
@@ -126,6 +128,7 @@ async def test_a_dead_letter_replayed_after_the_purge_is_not_applied_twice(db, s
     assert await relay.purge_inbox() == 1  # delivered for good: now its inbox row may go
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_a_relay_whose_lease_lapsed_applies_nothing_twice_after_a_purge_within_the_retention(
     db, settings
 ):

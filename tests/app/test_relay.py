@@ -189,6 +189,7 @@ async def test_a_row_whose_relays_keep_dying_is_dead_lettered_without_running_ag
 # -- leases -------------------------------------------------------------------------------------
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_a_row_whose_lease_expired_is_claimed_again_with_the_reason_recorded(db, settings):
     log: list = []
     relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder(calls(log))))
@@ -430,6 +431,7 @@ async def test_stopping_finishes_the_batch_in_hand_and_claims_nothing_more(db, s
     assert [tuple(r) for r in rows] == [("pending", 0, None)] * 2
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_while_a_batch_is_in_its_handlers_the_next_batches_are_claimed_and_delivered(db, settings):
     settings = replace(settings, relay_batch_size=3)
     release = asyncio.Event()
@@ -488,6 +490,7 @@ async def test_delivered_rows_past_the_retention_period_are_purged_in_batches_an
 # -- lingering ----------------------------------------------------------------------------------
 
 
+@pytest.mark.outbox_retention(3600)  # reads delivered rows
 async def test_after_a_wake_up_the_relay_lingers_so_the_next_commits_rows_go_in_the_same_claim(db, settings):
     settings = replace(settings, relay_linger_seconds=0.5)  # far longer than two commits take
     relay = relay_for(settings, db, Subscription(SUBSCRIBER, recorder()))

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 KEYS, EVENTS = 4, 3
 
 
-pytestmark = pytest.mark.usefixtures("effects")
+pytestmark = [pytest.mark.usefixtures("effects"), pytest.mark.outbox_retention(3600)]  # they read delivered rows
 
 
 @pytest.fixture

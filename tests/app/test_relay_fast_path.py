@@ -30,7 +30,7 @@ from tests.app.relay_worker import (
 )
 from tests.app.testing_contract.events import Counted
 
-pytestmark = pytest.mark.usefixtures("effects")
+pytestmark = [pytest.mark.usefixtures("effects"), pytest.mark.outbox_retention(3600)]  # they read delivered rows
 
 
 
