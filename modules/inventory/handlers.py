@@ -60,6 +60,12 @@ FROM was WHERE r.order_id = was.order_id AND r.sku = was.sku
 RETURNING r.order_id, r.sku, r.quantity, was.status AS was
 """
 
+# Relay runs of commit_reservation deliver at once and their orders share SKUs: without a lock,
+# two runs would load the same Stock stream and the later append would lose the race (and its
+# whole run would run again, and again). Runs queue per SKU instead, taking their locks in SKU
+# order (no deadlock); each is held to the end of its transaction, and the stream is loaded after.
+LOCK_STOCKS_SQL = "SELECT pg_advisory_xact_lock(hashtextextended('stock-' || sku, 0)) FROM unnest($1::text[]) AS sku"
+
 
 async def commit_reservation(items: list[BatchItem], uow: UnitOfWork) -> None:
     """The orders are paid: their holds become sales, even ones released meanwhile (Stock.retake).
@@ -73,6 +79,7 @@ async def commit_reservation(items: list[BatchItem], uow: UnitOfWork) -> None:
         for row in rows:
             by_order.setdefault(row["order_id"], []).append(row)
         skus = sorted({r["sku"] for r in rows})
+        await conn.execute(LOCK_STOCKS_SQL, skus)
         stocks = dict(zip(skus, await uow.get_many(Stock, skus), strict=True))
         for item in items:
             order_id = item.event.order_id
