@@ -6,6 +6,9 @@ fails only its own delivery."""
 from __future__ import annotations
 
 import app.relay
+from app.messages import ConcurrencyError
+from app.relay import fast
+from app.relay.delivery import GROUP_SIZE
 from modules.inventory.handlers import release_expired
 from tests.payments.test_charge_batch import order
 from tests.test_order_flow import dead_letters, level, stock
@@ -64,3 +67,27 @@ async def test_a_hold_that_cannot_be_retaken_dead_letters_alone_and_the_others_c
     assert statuses == {late: "released"} | dict.fromkeys(others, "committed")
     assert await level(client, "scarce") == {"sku": "scarce", "available": 0, "reserved": 0}
     assert await level(client, "widget") == {"sku": "widget", "available": 8, "reserved": 0}
+
+
+async def test_concurrent_runs_on_one_sku_queue_instead_of_losing_the_append_race(client, app_relay, monkeypatch):
+    # A claim's rows are delivered in groups of at most GROUP_SIZE, at once: with every order on
+    # one SKU, two commit_reservation runs load the same Stock stream unless they queue for it.
+    lost = []
+    run = fast.run
+
+    async def counted(delivery, subscriber, rows, seen, hold_seconds):
+        try:
+            return await run(delivery, subscriber, rows, seen, hold_seconds)
+        except fast.HandlerFailed as failed:
+            if subscriber == COMMIT and isinstance(failed.error, ConcurrencyError):
+                lost.append(len(rows))
+            raise
+
+    monkeypatch.setattr(fast, "run", counted)
+    await stock(client, "widget", quantity=1000)
+    orders = [await order(client, "pm_card_ok", f"r-{i}") for i in range(3 * GROUP_SIZE)]
+
+    await app_relay.drain()
+
+    assert lost == []
+    assert await level(client, "widget") == {"sku": "widget", "available": 1000 - len(orders), "reserved": 0}
