@@ -48,8 +48,8 @@ async def get_stock_level(query: GetStockLevel, uow: UnitOfWork) -> StockLevelVi
 
 # The holds' rows move to 'committed' whatever they were, and say what they were: a 'released'
 # row is a payment that came after the sweeper gave the units back. ('confirmed' is a status older
-# versions wrote; such a hold is settled like a 'reserved' one.) The rows are locked in one order
-# (order id, SKU), as every writer of the table locks one order's rows in SKU order.
+# versions wrote; such a hold is settled like a 'reserved' one.) A run's rows are locked in one
+# order: (order id, SKU).
 COMMIT_HOLDS_SQL = """
 WITH was AS (
     SELECT order_id, sku, status FROM inventory_reservations
@@ -79,7 +79,8 @@ async def commit_reservation(items: list[BatchItem], uow: UnitOfWork) -> None:
         for row in rows:
             by_order.setdefault(row["order_id"], []).append(row)
         skus = sorted({r["sku"] for r in rows})
-        await conn.execute(LOCK_STOCKS_SQL, skus)
+        if skus:
+            await conn.execute(LOCK_STOCKS_SQL, skus)
         stocks = dict(zip(skus, await uow.get_many(Stock, skus), strict=True))
         for item in items:
             order_id = item.event.order_id
