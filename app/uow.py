@@ -107,6 +107,14 @@ class UnitOfWork:
     async def get_many(self, cls: type[A], ids: Sequence[Any]) -> list[A]:
         """The aggregates of `ids`, in that order: the streams not in the identity map loaded in
         one SELECT (aggregates with snapshots: one load each). NotFound if one is empty."""
+        found = await self.find_many(cls, ids)
+        for id, aggregate in zip(ids, found, strict=True):
+            if aggregate is None:
+                raise NotFound(f"{cls.__name__} {id} does not exist")
+        return found  # type: ignore[return-value]
+
+    async def find_many(self, cls: type[A], ids: Sequence[Any]) -> list[A | None]:
+        """Like `get_many`, but an empty stream's aggregate comes back as None, not NotFound."""
         missing = list(dict.fromkeys(id for id in ids if (cls, id) not in self._seen))
         if missing and cls.snapshot_every:
             for id in missing:
@@ -115,13 +123,7 @@ class UnitOfWork:
             rows = await self.connection.fetch(LOAD_MANY_SQL, [cls.stream_id_for(id) for id in missing])
             for id, aggregate in replay_many(self._catalog, cls, missing, rows).items():
                 self._seen[(cls, id)] = aggregate
-        found = []
-        for id in ids:
-            aggregate = self._seen.get((cls, id))
-            if aggregate is None:
-                raise NotFound(f"{cls.__name__} {id} does not exist")
-            found.append(aggregate)
-        return found  # type: ignore[return-value]
+        return [self._seen.get((cls, id)) for id in ids]  # type: ignore[misc]
 
     def add(self, aggregate: Aggregate) -> None:
         self._seen[(type(aggregate), aggregate.id)] = aggregate

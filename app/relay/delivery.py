@@ -118,9 +118,12 @@ class Delivery:
         try:
             seen = await applied_before(self.db, subscriber, rows)
             await retry_on_conflict(runs, retries=RUN_CONFLICT_RETRIES, conflict=_lost_race)
-        except fast.BatchFailed:  # each of the run's rows on its own now: the failing one isolates
+        except fast.BatchFailed as failed:  # each of the run's rows on its own now: the failing one isolates
             self.careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS
-            outcomes += await self.careful(left)
+            if len(left) == 1:  # a lone row's failure is its own: running it again would repeat its attempt
+                outcomes.append(Outcome(left[0], failed.error, failed.seconds))
+            else:
+                outcomes += await self.careful(left)
         except fast.HandlerFailed as failed:
             i, error = failed.index, failed.error
             self.careful_until[subscriber] = time.monotonic() + CAREFUL_SECONDS

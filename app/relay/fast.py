@@ -35,9 +35,9 @@ class BatchFailed(Exception):
     """A batch subscription's handler failed in a fast run (which then rolled back): which of its
     rows failed is unknown, so each is delivered on its own."""
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, seconds: float = 0.0) -> None:
         super().__init__(f"{type(error).__name__}: {error}")
-        self.error = error
+        self.error, self.seconds = error, seconds
 
 
 class _Run:
@@ -149,7 +149,7 @@ async def _batch(delivery: Delivery, bound, uow: RunUnit, rows: list, seen: set)
             async with asyncio.timeout(delivery.handler_timeout):
                 await delivery.apply_batch(bound, uow, todo)
         except Exception as error:
-            raise BatchFailed(error) from error
+            raise BatchFailed(error, time.perf_counter() - started) from error
     seconds = (time.perf_counter() - started) / len(rows)
     return [Outcome(row, None, seconds) for row in rows]
 

@@ -8,10 +8,11 @@ from uuid import UUID
 from app.periodic import every
 from app.settings import Settings
 from app.uow import UnitOfWork
+from app.wiring import BatchItem
 from modules.inventory.aggregate import Stock
 from modules.inventory.commands import AddStock, ReserveStock, UnknownSku
 from modules.inventory.queries import GetStockLevel, StockLevelView
-from modules.payments.events import PaymentCaptured, PaymentDeclined, PaymentFailed
+from modules.payments.events import PaymentDeclined, PaymentFailed
 
 RESERVATION_COLUMNS = {"order_id": "uuid", "sku": "text", "quantity": "int"}
 
@@ -45,31 +46,52 @@ async def get_stock_level(query: GetStockLevel, uow: UnitOfWork) -> StockLevelVi
         return StockLevelView(sku=stock.id, available=stock.available, reserved=stock.reserved)
 
 
-# The hold's rows move to 'committed' whatever they were, and say what they were: a 'released'
+# The holds' rows move to 'committed' whatever they were, and say what they were: a 'released'
 # row is a payment that came after the sweeper gave the units back. ('confirmed' is a status older
-# versions wrote; such a hold is settled like a 'reserved' one.)
-COMMIT_HOLD_SQL = """
+# versions wrote; such a hold is settled like a 'reserved' one.) A run's rows are locked in one
+# order: (order id, SKU).
+COMMIT_HOLDS_SQL = """
 WITH was AS (
     SELECT order_id, sku, status FROM inventory_reservations
-    WHERE order_id = $1 AND status <> 'committed' FOR UPDATE
+    WHERE order_id = ANY($1::uuid[]) AND status <> 'committed' ORDER BY order_id, sku FOR UPDATE
 )
 UPDATE inventory_reservations r SET status = 'committed', updated_at = now()
 FROM was WHERE r.order_id = was.order_id AND r.sku = was.sku
-RETURNING r.sku, r.quantity, was.status AS was
+RETURNING r.order_id, r.sku, r.quantity, was.status AS was
 """
 
+# Relay runs of commit_reservation deliver at once and their orders share SKUs: without a lock,
+# two runs would load the same Stock stream and the later append would lose the race (and its
+# whole run would run again, and again). Runs queue per SKU instead, taking their locks in SKU
+# order (no deadlock); each is held to the end of its transaction, and the stream is loaded after.
+LOCK_STOCKS_SQL = "SELECT pg_advisory_xact_lock(hashtextextended('stock-' || sku, 0)) FROM unnest($1::text[]) AS sku"
 
-async def commit_reservation(event: PaymentCaptured, uow: UnitOfWork) -> None:
-    """The order is paid: its hold becomes a sale, even one released meanwhile (Stock.retake)."""
+
+async def commit_reservation(items: list[BatchItem], uow: UnitOfWork) -> None:
+    """The orders are paid: their holds become sales, even ones released meanwhile (Stock.retake).
+    A batch subscription: the run's holds move in one statement, the Stock streams they touch are
+    loaded in SKU order (one lock order), and each order's events are recorded under its
+    PaymentCaptured's context."""
     async with uow:
         conn = await uow.transaction()
-        for row in sorted(await conn.fetch(COMMIT_HOLD_SQL, event.order_id), key=lambda r: r["sku"]):
-            stock = await uow.get(Stock, row["sku"])
-            if row["was"] == "released":
-                stock.retake(event.order_id, row["quantity"])
-            else:
-                stock.commit(event.order_id)
-        await uow.commit()
+        rows = await conn.fetch(COMMIT_HOLDS_SQL, [item.event.order_id for item in items])
+        by_order: dict[UUID, list] = {}
+        for row in rows:
+            by_order.setdefault(row["order_id"], []).append(row)
+        skus = sorted({r["sku"] for r in rows})
+        if skus:
+            await conn.execute(LOCK_STOCKS_SQL, skus)
+        stocks = dict(zip(skus, await uow.get_many(Stock, skus), strict=True))
+        for item in items:
+            order_id = item.event.order_id
+            with item.recording():
+                for row in sorted(by_order.get(order_id, ()), key=lambda r: r["sku"]):
+                    stock = stocks[row["sku"]]
+                    if row["was"] == "released":
+                        stock.retake(order_id, row["quantity"])
+                    else:
+                        stock.commit(order_id)
+                await uow.commit()
 
 
 async def release_reservation(event: PaymentDeclined | PaymentFailed, uow: UnitOfWork) -> None:

@@ -15,7 +15,7 @@ module = Module(
     commands={AddStock: handlers.add_stock, ReserveStock: handlers.reserve_stock},
     queries={GetStockLevel: handlers.get_stock_level},
     subscriptions={
-        PaymentCaptured: [Subscription("inventory.commit_reservation", handlers.commit_reservation)],
+        PaymentCaptured: [Subscription("inventory.commit_reservation", handlers.commit_reservation, batch=True)],
         PaymentDeclined: [release_reservation],
         PaymentFailed: [release_reservation],
     },

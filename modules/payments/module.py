@@ -10,7 +10,11 @@ module = Module(
     subscriptions={
         OrderPlaced: [
             Subscription(
-                "payments.charge_order", handlers.charge_order, max_attempts=5, on_dead_letter=handlers.fail_payment
+                "payments.charge_order",
+                handlers.charge_order,
+                max_attempts=5,
+                on_dead_letter=handlers.fail_payment,
+                batch=True,
             )
         ],
     },
