@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+from bench.drain import DELIVERIES_PER_ORDER
 from bench.env import ROOT
 
 
@@ -21,7 +22,7 @@ def test_drain_lists_the_drain_halfs_statements_by_total_time() -> None:
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     records = {r["measurement"]: r for r in map(json.loads, done.stdout.splitlines()) if r}
-    assert records["drain_relay"]["items"] == 20 * 6
+    assert records["drain_relay"]["items"] == 20 * DELIVERIES_PER_ORDER  # counted from the wiring
     # wal_buffers takes effect only at a restart, which preloading pg_stat_statements needs too
     assert records["drain_relay"]["server_settings"] == {"wal_buffers": "8MB", "commit_delay": "10"}
     statements = records["drain_statements"]["statements"]
