@@ -165,6 +165,38 @@ async def wait_until(
         await asyncio.sleep(0.02)
 
 
+async def run_relays_until_settled(
+    db: Database,
+    build: Callable[[Database], System],
+    *,
+    relays: int = 3,
+    pool_size: int = 6,
+    concurrency: int = 6,
+    seconds: float = 60.0,
+) -> list[Relay]:
+    """Run `relays` relays at once, each with its own pool (as separate processes would have),
+    until no outbox row is pending: every row delivered, parked or blocked. Stops them all and
+    returns them (their counters)."""
+    pools = [await Database(db.url, max_size=pool_size).connect() for _ in range(relays)]
+    running = [
+        Relay(build(pool), instance_id=f"relay-{n}", concurrency=concurrency) for n, pool in enumerate(pools)
+    ]
+    try:
+        for relay in running:
+            relay.start()
+        await wait_until(
+            lambda: db.fetchval("SELECT NOT EXISTS (SELECT FROM outbox WHERE status = 'pending')"),
+            seconds,
+            "every row to be delivered, parked or blocked",
+        )
+    finally:
+        for relay in running:
+            await relay.stop()
+        for pool in pools:
+            await pool.close()
+    return running
+
+
 async def deliver_everything(relay: Relay, seconds: float = 10.0) -> None:
     """Drain until no row is pending or in flight (rows waiting for a backoff included)."""
 

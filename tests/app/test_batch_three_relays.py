@@ -16,10 +16,9 @@ from app.aggregate import Aggregate
 from app.bootstrap import bootstrap
 from app.db import Database
 from app.messages import Event
-from app.relay import Relay
 from app.uow import UnitOfWork
 from app.wiring import BatchItem, Envelope, Module, Subscription
-from tests.app.relay_worker import wait_until
+from tests.app.relay_worker import run_relays_until_settled
 
 KEYS, EVENTS = 200, 6  # 1,200 events, 2,400 outbox rows
 BATCH, PLAIN = "testing.batch_record", "testing.plain_record"
@@ -135,24 +134,9 @@ async def test_three_relays_deliver_a_batch_and_a_plain_subscriber_once_each_in_
     batches: list[list[str]] = []
     subs = subscriptions(batches)
     await append_tabs(build(settings, db, subs))
-    pools = [await Database(db.url, max_size=6).connect() for _ in range(3)]
-    relays = [
-        Relay(build(settings, pool, subs), instance_id=f"relay-{n}", concurrency=6)
-        for n, pool in enumerate(pools)
-    ]
-    try:
-        for relay in relays:
-            relay.start()
-        await wait_until(
-            lambda: db.fetchval("SELECT count(*) = 0 FROM outbox WHERE status = 'pending'"),
-            60,
-            "every row to be delivered or dead-lettered",
-        )
-    finally:
-        for relay in relays:
-            await relay.stop()
-        for pool in pools:
-            await pool.close()
+    await run_relays_until_settled(
+        db, lambda pool: build(settings, pool, subs), pool_size=6, concurrency=6, seconds=60
+    )
 
     events = await db.fetch(
         "SELECT event_id, stream_id, version, metadata FROM events WHERE stream_id LIKE 'tab-%'"

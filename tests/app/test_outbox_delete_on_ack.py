@@ -9,8 +9,6 @@ from dataclasses import replace
 
 import pytest
 
-from app.db import Database
-from app.relay import Relay
 from app.relay.ack import acknowledge
 from app.wiring import Envelope, Subscription
 from tests.app.relay_worker import (
@@ -22,7 +20,7 @@ from tests.app.relay_worker import (
     deliver_everything,
     recorder,
     relay_for,
-    wait_until,
+    run_relays_until_settled,
 )
 
 pytestmark = pytest.mark.usefixtures("effects")
@@ -40,8 +38,12 @@ async def test_with_no_retention_delivered_rows_are_deleted_and_applied_once(db,
     await deliver_everything(relay)
 
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0
-    assert await applied(db) == {key: [1, 2, 3, 4] for key in ("ticker-00000", "ticker-00001", "ticker-00002")}
-    assert await db.fetchval("SELECT count(*) FROM inbox WHERE subscriber = $1", SUBSCRIBER) == 0  # no inbox row per outbox delivery (app/relay/ack.py)
+    assert await applied(db) == {
+        key: [1, 2, 3, 4] for key in ("ticker-00000", "ticker-00001", "ticker-00002")
+    }
+    assert (
+        await db.fetchval("SELECT count(*) FROM inbox WHERE subscriber = $1", SUBSCRIBER) == 0
+    )  # no inbox row per outbox delivery (app/relay/ack.py)
 
 
 async def test_with_no_retention_a_retried_row_is_deleted_once_it_succeeds(db, no_retention):
@@ -79,7 +81,9 @@ async def test_a_delete_acknowledgement_leaves_a_row_another_relay_took_over(db,
 async def test_with_no_retention_the_purge_still_removes_rows_delivered_while_rows_were_kept(
     db, settings, no_retention
 ):
-    keeping = relay_for(replace(settings, outbox_retention_seconds=3600), db, Subscription(SUBSCRIBER, recorder()))
+    keeping = relay_for(
+        replace(settings, outbox_retention_seconds=3600), db, Subscription(SUBSCRIBER, recorder())
+    )
     await append(keeping.system, 2, 2)
     await deliver_everything(keeping)
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status = 'delivered'") == 4
@@ -101,24 +105,9 @@ async def test_three_relays_deleting_on_ack_apply_every_row_once_and_in_key_orde
     settings = replace(no_retention, relay_batch_size=100, retry_max_attempts=10)
     subscriptions = [Subscription(SUBSCRIBER, recorder(flaky))]
     await append(build_system(settings, db, subscriptions), keys, events)
-    pools = [await Database(db.url, max_size=6).connect() for _ in range(3)]
-    relays = [
-        Relay(build_system(settings, pool, subscriptions), instance_id=f"relay-{n}", concurrency=6)
-        for n, pool in enumerate(pools)
-    ]
-    try:
-        for relay in relays:
-            relay.start()
-        await wait_until(
-            lambda: db.fetchval("SELECT NOT EXISTS (SELECT FROM outbox WHERE status = 'pending')"),
-            60,
-            "every row to be delivered or parked",
-        )
-    finally:
-        for relay in relays:
-            await relay.stop()
-        for pool in pools:
-            await pool.close()
+    relays = await run_relays_until_settled(
+        db, lambda pool: build_system(settings, pool, subscriptions), pool_size=6, concurrency=6, seconds=60
+    )
 
     effects = await db.fetch("SELECT message_id FROM relay_test_effects")
     applied_ids = [r["message_id"] for r in effects]

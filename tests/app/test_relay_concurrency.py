@@ -8,8 +8,6 @@ from dataclasses import replace
 
 import pytest
 
-from app.db import Database
-from app.relay import Relay
 from app.wiring import Envelope, Subscription
 from tests.app.relay_worker import (
     SUBSCRIBER,
@@ -17,7 +15,7 @@ from tests.app.relay_worker import (
     append,
     build_system,
     recorder,
-    wait_until,
+    run_relays_until_settled,
 )
 
 KEYS, EVENTS = 1000, 5  # 5,000 rows
@@ -43,24 +41,9 @@ async def test_three_relays_deliver_every_row_once_and_in_key_order_despite_rand
     settings = replace(settings, relay_batch_size=250, retry_max_attempts=4)
     subscriptions = [Subscription(SUBSCRIBER, recorder(flaky))]
     await append(build_system(settings, db, subscriptions), KEYS, EVENTS)
-    pools = [await Database(db.url, max_size=8).connect() for _ in range(3)]
-    relays = [
-        Relay(build_system(settings, pool, subscriptions), instance_id=f"relay-{n}", concurrency=8)
-        for n, pool in enumerate(pools)
-    ]
-    try:
-        for relay in relays:
-            relay.start()
-        await wait_until(
-            lambda: db.fetchval("SELECT count(*) = 0 FROM outbox WHERE status = 'pending'"),
-            40,
-            "every row to be delivered or parked",
-        )
-    finally:
-        for relay in relays:
-            await relay.stop()
-        for pool in pools:
-            await pool.close()
+    relays = await run_relays_until_settled(
+        db, lambda pool: build_system(settings, pool, subscriptions), pool_size=8, concurrency=8, seconds=40
+    )
 
     effects = await db.fetch("SELECT message_id, key, seq FROM relay_test_effects ORDER BY id")
     dead = await db.fetch(
