@@ -83,6 +83,10 @@ def bootstrap(
                 if sub.module != module.name:
                     raise ValueError(f"subscription {sub.name!r} must be named '{module.name}.<handler>'")
                 subscribers.setdefault(event_type, []).append(sub.name)
+    if settings.nats_url:  # subscribers behind another database: one row for the broker instead
+        from app.broker.routes import through_broker
+
+        subscribers = through_broker(subscribers, hosted)
     # every event type a module defines, subscribed to or not: its own aggregates replay them
     catalog = EventCatalog(subscribers, [t for m in modules for t in load_contract(m.contract_package).events])
 

@@ -44,6 +44,7 @@ class Runtime:
         self.run_relay = run_relay
         self.system: System | None = None
         self.relay: Relay | None = None
+        self.broker = None  # app.broker.runtime.BrokerLink, with SWITCHBOARD_NATS_URL
         self.ready = False
         self._embedded: EmbeddedPostgres | None = None
         self._tasks: list[asyncio.Task] = []
@@ -67,6 +68,11 @@ class Runtime:
                 self._tasks = [asyncio.create_task(task()) for task in self.system.background]
                 await self.system.registry.register()
                 self.system.registry.start()
+                if self.settings.nats_url:  # events (and calls) to the modules behind other databases
+                    from app.broker.runtime import BrokerLink
+
+                    self.broker = BrokerLink(self.system)
+                    await self.broker.start()
             self.ready = True
             yield
         finally:
@@ -76,6 +82,8 @@ class Runtime:
             self.ready = False
             if self.relay is not None:
                 await self.relay.stop()  # finishes its batch or releases the claims
+            if self.broker is not None:
+                await self.broker.stop()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -95,6 +95,7 @@ class Consumer:
         prefix: str = SUBJECTS,
         stream: str = STREAM,
         ack_wait: float | None = None,
+        topics: list[str] | None = None,
     ) -> None:
         settings = system.settings
         bound = system.subscriptions.get(subscriber)
@@ -108,7 +109,8 @@ class Consumer:
         self.ack_wait = ack_wait or 3 * self.handler_timeout
         self.lease_seconds = settings.relay_lease_seconds
         self.policies = RetryPolicies(system.subscriptions, settings)
-        self.topics = [t.topic() for t in bound.event_types]
+        # the event types it reads from the stream (default: all of its own; see routes.py)
+        self.topics = topics or [t.topic() for t in bound.event_types]
         self._subscriptions: list[Any] = []
         self._tasks: list[asyncio.Task] = []
         self._stopping = False

@@ -17,6 +17,7 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from app.broker.routes import PUBLISHER
 from app.broker.stream import PARTITIONS, STREAM, SUBJECTS, headers_of, subject
 from app.relay.ack import acknowledge
 from app.relay.claims import Batch, Claims
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("app.broker")
 
-PUBLISHER = "broker.publish"
 NO_RESPONDERS_PAUSE = 0.05  # between publishes the stream did not answer yet (see _publish)
 
 # The claim returns no partition key (the relay's handlers do not need it): read it for the batch.

@@ -61,6 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(IN_USE.format(host=args.host, port=args.port), file=sys.stderr)
         return 1
     _metrics_dir(args.port)
+    check_broker()
     with database_url() as (url, _):
         os.environ["DATABASE_URL"] = url  # workers reach the same server
         if args.modules:
@@ -87,6 +88,17 @@ def _metrics_dir(port: int) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def check_broker() -> None:
+    """With SWITCHBOARD_NATS_URL: some JetStream server answers, before anything starts."""
+    url = get_settings().nats_url
+    if url:
+        from app.broker.runtime import probe
+
+        failure = probe(url)
+        if failure is not None:
+            raise Failure(f"no JetStream server answers at SWITCHBOARD_NATS_URL ({failure}); start one with `switchboard broker`")
 
 
 def check_modules(names, given_in: str) -> None:
@@ -137,13 +149,22 @@ def cmd_relay(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         relay.start()
+        broker = None
+        if settings.nats_url:  # the publisher and the consumers are the relay's, across databases
+            from app.broker.runtime import BrokerLink
+
+            broker = BrokerLink(relay.system, responders=False)
+            await broker.start()
         print(f"relay {relay.instance_id} running for {len(relay.subscribers)} subscribers", flush=True)
         await stop.wait()
         await relay.stop()
+        if broker is not None:
+            await broker.stop()
         await db.close()
         observe.shutdown_tracing()
 
     logs.setup_logging(get_settings())
+    check_broker()
     with database_url() as (url, _):
         asyncio.run(main(url))
     return 0

@@ -23,7 +23,12 @@ import pytest
 from app.broker.server import server_command
 from app.db import Database, ensure_database, with_database
 from app.migrate import upgrade
+from tests.scale import conftest as scale
 from tests.scale.conftest import alive, free_port, wait_for
+
+# `cluster` (switchboard serve processes) and the hook that prints their output on a failure
+cluster = scale.cluster
+pytest_runtest_makereport = scale.pytest_runtest_makereport
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
