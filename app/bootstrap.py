@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import time
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,8 @@ class System:
     registry: Registry
     transport: RemoteTransport
     background: list[Callable[[], Any]] = field(default_factory=list)
+    # subscribers whose inbox rows the purge must keep for now (fed from a broker; see purge.py)
+    inbox_holds: Callable[[], Collection[str]] = lambda: ()
 
     def uow(self) -> UnitOfWork:
         return UnitOfWork(self.db, self.catalog)
@@ -174,6 +176,11 @@ def bootstrap(
             system.subscriptions[sub.name] = BoundSubscription(sub, [], handler)
         if module.name in hosted:
             system.background.extend(inject_task(task, providers) for task in module.background)
+    if settings.nats_url:  # until a live broker link says its consumers have caught up: all held
+        from app.broker.routes import consumed_topics, event_owners
+
+        held = frozenset(consumed_topics(system.subscriptions, event_owners(modules), hosted))
+        system.inbox_holds = lambda: held
     return system
 
 

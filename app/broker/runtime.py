@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from app.broker.consumer import Consumer
@@ -42,6 +43,7 @@ class BrokerLink:
         self.js = None
         self.publisher: Publisher | None = None
         self.consumers: list[Consumer] = []
+        self.live_since: float | None = None  # connected since (monotonic); None: not connected
 
     async def start(self) -> None:
         import nats
@@ -62,6 +64,7 @@ class BrokerLink:
             )
         except (NoServersError, OSError, TimeoutError) as error:
             raise BrokerUnreachable(f"no JetStream server answered at {', '.join(servers)}: {error}") from error
+        self.live_since = time.monotonic()
         self.js = self.nc.jetstream()
         await ensure_stream(self.js, replicas=cluster_size(self.nc))
         if any(PUBLISHER in names for names in system.catalog.subscribers.values()):
@@ -73,6 +76,7 @@ class BrokerLink:
             await consumer.ensure()
             consumer.start()
             self.consumers.append(consumer)
+        system.inbox_holds = self.inbox_holds
         attach = getattr(system.transport, "attach", None)
         if attach is not None and self.responders:  # the NATS transport's responders for the modules hosted here
             await attach(self.nc, system)
@@ -90,13 +94,28 @@ class BrokerLink:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
 
+    def inbox_holds(self) -> frozenset[str]:
+        """The subscribers whose inbox rows the purge must keep now. A message JetStream still
+        holds unacknowledged (applied and committed, then its consumer died before the ack) comes
+        back within the consumers' ack_wait once they pull again, and its inbox row is what makes
+        it a no-op: so the rows stay until this link's consumers have been pulling, connected, for
+        twice that long. While the link is down they all stay."""
+        if not self.consumers:
+            return frozenset()
+        window = 2 * max(c.ack_wait for c in self.consumers)
+        if self.live_since is not None and time.monotonic() - self.live_since >= window:
+            return frozenset()
+        return frozenset(c.subscriber for c in self.consumers)
+
     async def _error(self, error: Exception) -> None:
         log.warning("broker: %s: %s", type(error).__name__, error)
 
     async def _disconnected(self) -> None:
+        self.live_since = None
         log.warning("broker: disconnected, reconnecting")
 
     async def _reconnected(self) -> None:
+        self.live_since = time.monotonic()
         log.info("broker: reconnected to %s", self.nc.connected_url.netloc if self.nc else "?")
 
 

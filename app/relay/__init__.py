@@ -171,7 +171,8 @@ class Relay:
     async def purge_inbox(self, rounds: int = PURGE_ROUNDS) -> int:
         """Delete inbox rows older than their retention period whose message has no undelivered
         outbox row left (app/relay/purge.py says why that is safe), PURGE_BATCH at a time."""
-        return await purge.purge_inbox(self.db, self.inbox_retention_seconds, PURGE_BATCH, rounds)
+        held = self.system.inbox_holds()  # subscribers whose messages a broker may still redeliver
+        return await purge.purge_inbox(self.db, self.inbox_retention_seconds, PURGE_BATCH, rounds, held)
 
     async def _purge_forever(self) -> None:
         """Once a second: up to PURGE_ROUNDS x PURGE_BATCH rows a second of each table, far above
