@@ -34,16 +34,17 @@ def server_command(
     name: str = "switchboard",
     cluster_name: str | None = None,
     cluster_port: int | None = None,
-    routes: Sequence[int] = (),
+    routes: Sequence[int | str] = (),
     monitor_port: int | None = None,
 ) -> list[str]:
     """`nats-server -js` storing under `store_dir`; with a cluster name, a node that listens for
-    its peers on `cluster_port` and routes to theirs (all on `host`)."""
+    its peers on `cluster_port` and routes to theirs (a port: on `host`; else `HOST:PORT`)."""
     command = [nats_server_binary(), "-js", "-a", host, "-p", str(port), "-sd", str(store_dir), "-n", name]
     if monitor_port is not None:
         command += ["-m", str(monitor_port)]
     if cluster_name is not None:
         assert cluster_port is not None, "a cluster node needs its cluster port"
         command += ["--cluster_name", cluster_name, "--cluster", f"nats://{host}:{cluster_port}"]
-        command += ["--routes", ",".join(f"nats://{host}:{p}" for p in routes)]
+        urls = [f"nats://{host}:{r}" if isinstance(r, int) or r.isdigit() else f"nats://{r.split('://')[-1]}" for r in routes]
+        command += ["--routes", ",".join(urls)]
     return command

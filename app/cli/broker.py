@@ -16,6 +16,13 @@ def add_broker_parser(command, sub) -> None:
     broker = command(sub, "broker", help="run a local NATS JetStream server (store under the data dir)")
     broker.add_argument("--host", default="127.0.0.1", help="address to listen on")
     broker.add_argument("--port", type=int, help="port to listen on (default: SWITCHBOARD_BROKER_PORT, 4222)")
+    broker.add_argument("--name", default="switchboard", help="this server's name (unique in a cluster)")
+    broker.add_argument(
+        "--cluster-port", type=int, help="join a cluster: the port its peers reach this node on (with --peers)"
+    )
+    broker.add_argument(
+        "--peers", default="", help="the other nodes' cluster addresses, comma-separated: PORT (on --host) or HOST:PORT"
+    )
     broker.set_defaults(fn=cmd_broker)
 
 
@@ -28,8 +35,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
     if port_in_use(args.host, port):
         raise Failure(f"port {port} on {args.host} is already in use (another broker?); choose another with --port")
     store = settings.data_dir.absolute() / "nats"
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    if bool(peers) != (args.cluster_port is not None):
+        raise Failure("a cluster node needs both --cluster-port and --peers", code=2)
+    if args.cluster_port is not None and port_in_use(args.host, args.cluster_port):
+        raise Failure(f"cluster port {args.cluster_port} on {args.host} is already in use; choose another with --cluster-port")
+    cluster = {"cluster_name": "switchboard", "cluster_port": args.cluster_port, "routes": peers} if peers else {}
     try:
-        command = server_command(args.host, port, store)
+        command = server_command(args.host, port, store, name=args.name, **cluster)
     except BinaryMissing as error:
         raise Failure(str(error)) from None
     store.mkdir(parents=True, exist_ok=True)
@@ -49,7 +62,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
         last = line.strip()
         if "Server is ready" in line and not ready:
             ready = True
-            print(f"switchboard: JetStream broker on nats://{args.host}:{port} (store {store})", flush=True)
+            joined = f", cluster port {args.cluster_port}" if peers else ""
+            print(f"switchboard: JetStream broker on nats://{args.host}:{port} (store {store}{joined})", flush=True)
         elif ready and ("[ERR]" in line or "[FTL]" in line):
             print(f"switchboard: broker: {last.split('] ', 1)[-1]}", file=sys.stderr, flush=True)
     code = process.wait()

@@ -15,6 +15,7 @@ import pytest
 
 from app.broker import server
 from app.broker.server import BinaryMissing, nats_server_binary
+from app.broker.stream import ensure_stream
 from tests.broker.conftest import wait_gone
 from tests.scale.conftest import ROOT, alive, children, free_port
 from tests.test_cli_errors import env_for, one_line, run
@@ -22,17 +23,54 @@ from tests.test_cli_errors import env_for, one_line, run
 START_TIMEOUT = 30.0
 
 
-async def start_broker(data_dir: Path, port: int) -> asyncio.subprocess.Process:
+async def start_broker(data_dir: Path, port: int, *cluster: str, joined: str = "") -> asyncio.subprocess.Process:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app", "broker", "--port", str(port), cwd=ROOT,
+        sys.executable, "-m", "app", "broker", "--port", str(port), *cluster, cwd=ROOT,
         env=env_for(SWITCHBOARD_DATA_DIR=str(data_dir)),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None
     async with asyncio.timeout(START_TIMEOUT):
         line = (await process.stdout.readline()).decode()
-    assert line == f"switchboard: JetStream broker on nats://127.0.0.1:{port} (store {data_dir / 'nats'})\n"
+    assert line == f"switchboard: JetStream broker on nats://127.0.0.1:{port} (store {data_dir / 'nats'}{joined})\n"
     return process
+
+
+async def test_three_brokers_given_each_other_as_peers_form_a_cluster_with_replicated_streams(tmp_path: Path):
+    ports, cluster_ports = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    processes = []
+    try:
+        for i in range(3):
+            peers = ",".join(str(p) for j, p in enumerate(cluster_ports) if j != i)
+            processes.append(await start_broker(
+                tmp_path / f"n{i}", ports[i], "--name", f"n{i}", "--cluster-port", str(cluster_ports[i]),
+                "--peers", peers, joined=f", cluster port {cluster_ports[i]}",
+            ))  # fmt: skip
+        nc = await nats.connect([f"nats://127.0.0.1:{p}" for p in ports])
+        try:
+            js = nc.jetstream()
+            async with asyncio.timeout(START_TIMEOUT):  # the meta group elects its leader
+                while True:
+                    try:
+                        info = await ensure_stream(js, replicas=3)
+                        break
+                    except (nats.errors.Error, nats.js.errors.Error):
+                        await asyncio.sleep(0.1)
+            assert info.config.num_replicas == 3 and len(info.cluster.replicas) == 2
+        finally:
+            await nc.close()
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate()
+                await process.wait()
+
+
+async def test_a_cluster_node_needs_its_cluster_port_and_its_peers(tmp_path: Path):
+    code, out, err = await run(env_for(SWITCHBOARD_DATA_DIR=str(tmp_path)), "broker", "--peers", "6223")
+
+    assert code == 2 and out == ""
+    assert one_line(err) == "switchboard: a cluster node needs both --cluster-port and --peers\n"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
