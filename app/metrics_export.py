@@ -24,6 +24,8 @@ from collections.abc import AsyncIterator
 import aiobreaker
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, generate_latest, multiprocess
 
+from app.broker.metrics import METRICS as BROKER_METRICS
+from app.broker.metrics import BrokerMetrics
 from app.http_metrics import HTTP_SECONDS
 from app.metrics import METRICS, MULTIPROCESS
 from app.metrics_db import GAUGES, DatabaseGauges
@@ -54,7 +56,7 @@ POOL_CONNECTIONS = Gauge(
     multiprocess_mode="livesum",
     registry=None,
 )
-_OWN = (*GAUGES, BREAKER_OPEN, BULKHEAD_IN_FLIGHT, POOL_CONNECTIONS, HTTP_SECONDS)
+_OWN = (*GAUGES, BREAKER_OPEN, BULKHEAD_IN_FLIGHT, POOL_CONNECTIONS, HTTP_SECONDS, *BROKER_METRICS)
 _registered: list[CollectorRegistry] = []
 _LIVE_FILE = re.compile(r"gauge_live\w+_(\d+)\.db$")
 
@@ -74,6 +76,7 @@ class Exporter:
     def __init__(self, runtime) -> None:
         self.runtime = runtime
         self.database = DatabaseGauges()
+        self.broker = BrokerMetrics()
 
     def read_process(self) -> None:
         system = self.runtime.system
@@ -92,6 +95,9 @@ class Exporter:
             POOL_CONNECTIONS.labels("in_use").set(pool.get_size() - idle)
             POOL_CONNECTIONS.labels("idle").set(idle)
             POOL_CONNECTIONS.labels("max").set(pool.get_max_size())
+        link = getattr(self.runtime, "broker", None)
+        if link is not None:
+            self.broker.read(link)
 
     def flush(self) -> None:
         self.read_process()
@@ -103,6 +109,9 @@ class Exporter:
         system = self.runtime.system
         if system is not None and system.db.pool is not None:
             await self.database.refresh_if_stale(system.db, system.subscriptions)
+        link = getattr(self.runtime, "broker", None)
+        if link is not None and link.js is not None:
+            await self.broker.refresh_if_stale(link)
         self.flush()
         if not MULTIPROCESS:
             return generate_latest(REGISTRY)
