@@ -116,6 +116,7 @@ def test_json_lists_the_same_wiring(wiring):
         "retry_base_seconds": 0.5,
         "retry_cap_seconds": 60.0,
         "compensation": "modules.payments.handlers.fail_payment",
+        "from_jetstream": [],  # no broker: every event through this database's outbox
     }
     assert {m["name"] for m in wiring["modules"]} == {m.name for m in load_modules()}
     assert all(m["hosted"] for m in wiring["modules"])
@@ -189,3 +190,20 @@ def test_a_subscription_with_a_compensation_shows_its_handler(monkeypatch):
 
     charge = next(s for s in wiring["subscriptions"] if s["name"] == "payments.charge_order")
     assert charge["compensation"] == f"{__name__}.refund"
+
+
+def test_with_a_broker_the_subscriptions_fed_through_jetstream_say_so(data_dir):
+    result = switchboard("describe", "--modules", "orders,inventory", "--json", data_dir=data_dir,
+                         SWITCHBOARD_NATS_URL="nats://127.0.0.1:1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    subs = {s["name"]: s for s in json.loads(result.stdout)["subscriptions"]}
+    assert subs["orders.mark_order_paid"]["from_jetstream"] == ["payments.PaymentCaptured"]  # B's event
+    assert subs["payments.charge_order"]["from_jetstream"] == ["orders.OrderPlaced"]  # remote: all of it
+    assert subs["orders.project_order_view"]["from_jetstream"] == []  # retired: its own old rows
+
+    text = switchboard("describe", "--modules", "orders,inventory", data_dir=data_dir,
+                       SWITCHBOARD_NATS_URL="nats://127.0.0.1:1").stdout  # fmt: skip
+    assert re.search(r"payments\.charge_order\s+orders\.OrderPlaced\s+remote \(via JetStream\)", text), text
+    assert re.search(r"orders\.mark_order_paid\s+payments\.PaymentCaptured\s+here \(via JetStream\)", text), text
+    without = json.loads(switchboard("describe", "--json", data_dir=data_dir).stdout)
+    assert all(s["from_jetstream"] == [] for s in without["subscriptions"])

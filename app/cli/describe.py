@@ -75,6 +75,11 @@ def describe(settings: Settings) -> dict[str, Any]:
                     # the deadline the mediator applies: the message's own timeout or the default
                     "deadline_seconds": system.mediator.route(message_type).timeout,
                 })  # fmt: skip
+    fed: dict[str, list[str]] = {}  # with a broker: hosted subscribers' events from other groups
+    if settings.nats_url:
+        from app.broker.routes import consumed_topics, event_owners
+
+        fed = consumed_topics(system.subscriptions, event_owners(system.modules), here)
     subscriptions = []
     for name, bound in system.subscriptions.items():
         sub = bound.subscription
@@ -91,6 +96,9 @@ def describe(settings: Settings) -> dict[str, Any]:
             "retry_base_seconds": policy.base_seconds,
             "retry_cap_seconds": policy.cap_seconds,
             "compensation": None if compensation is None else _name(compensation),
+            # with a broker: the events it reads from JetStream here, or (not hosted) all of them
+            "from_jetstream": fed.get(name, []) if sub.module in here else
+                              [t.topic() for t in bound.event_types] if settings.nats_url else [],
         })  # fmt: skip
     background = [
         {"module": m.name, "hosted": m.name in here, "task": _name(task)} for m in system.modules for task in m.background
@@ -133,6 +141,9 @@ def _name(obj: Any) -> str:
 
 def render(wiring: dict[str, Any]) -> str:
     here = lambda row: "here" if row["hosted"] else "remote"  # noqa: E731
+
+    def runs(s: dict) -> str:  # a subscription: where, and whether (some of) its events cross JetStream
+        return here(s) + (" (via JetStream)" if s.get("from_jetstream") else "")
     sections = [
         ("modules", ["module", "runs", "commands", "queries", "subscriptions", "background"],
          [[m["name"], here(m), m["commands"], m["queries"], m["subscriptions"], m["background"]]
@@ -140,7 +151,7 @@ def render(wiring: dict[str, Any]) -> str:
         ("commands and queries", ["message", "kind", "runs", "deadline", "handler"],
          [[r["message"], r["kind"], here(r), f"{r['deadline_seconds']:g}s", r["handler"]] for r in wiring["messages"]]),
         ("subscriptions", ["subscriber", "events", "runs", "attempts", "base", "cap", "compensation", "handler"],
-         [[s["name"], ", ".join(s["events"]) or "(retired: old rows only)", here(s), s["max_attempts"], f"{s['retry_base_seconds']:g}s",
+         [[s["name"], ", ".join(s["events"]) or "(retired: old rows only)", runs(s), s["max_attempts"], f"{s['retry_base_seconds']:g}s",
            f"{s['retry_cap_seconds']:g}s", s["compensation"] or "-", s["handler"]] for s in wiring["subscriptions"]]),
         ("inline projections", ["event", "module", "runs", "handler"],
          [[p["event"], p["module"], here(p), p["handler"]] for p in wiring["projections"]]),
