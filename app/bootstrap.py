@@ -21,6 +21,9 @@ from app.settings import Settings
 from app.uow import UnitOfWork
 from app.wiring import Module, Subscription, inject, inject_task
 
+if typing.TYPE_CHECKING:
+    from app.broker.rpc import NatsTransport
+
 RELAY_PASSES = ("uow", "envelope")  # subscriber parameters the relay fills per delivery
 PROJECTION_PASSES = ("uow",)  # an inline projection's: the unit appending the event
 COMPENSATOR_PASSES = (*RELAY_PASSES, "error")  # and an on_dead_letter's: the failure's summary
@@ -50,7 +53,7 @@ class System:
     mediator: Mediator
     subscriptions: dict[str, BoundSubscription]
     registry: Registry
-    transport: RemoteTransport
+    transport: RemoteTransport | NatsTransport
     background: list[Callable[[], Any]] = field(default_factory=list)
     # subscribers whose inbox rows the purge must keep for now (fed from a broker; see purge.py)
     inbox_holds: Callable[[], Collection[str]] = lambda: ()
@@ -100,7 +103,13 @@ def bootstrap(
         interval=settings.heartbeat_seconds,
     )
     messages = _message_catalog(modules)
-    transport = RemoteTransport(registry, messages, settings.internal_token)
+    transport: RemoteTransport | NatsTransport
+    if settings.nats_url is None:
+        transport = RemoteTransport(registry, messages, settings.internal_token)
+    else:  # another process group may have another database: no shared registry to find it in
+        from app.broker.rpc import NatsTransport
+
+        transport = NatsTransport(messages, settings.internal_token, default_timeout=settings.default_timeout)
     system = System(
         settings, db, modules, hosted, catalog, mediator=None, subscriptions={}, registry=registry, transport=transport
     )  # type: ignore[arg-type]
