@@ -38,7 +38,7 @@ from modules.inventory.commands import (
     StockLine,
 )
 from modules.inventory.queries import GetStockLevel
-from tests.scale.conftest import alive, free_port, wait_for
+from tests.scale.conftest import alive, call, free_port, order_body, wait_for
 
 TOKEN = "rpc-test-token"
 SUBJECT = "switchboard.rpc.inventory.ReserveStock"
@@ -396,3 +396,38 @@ async def test_replicas_on_other_nodes_of_a_cluster_share_the_calls(
     await replicas[0].mediator.send(AddStock(sku="widget", quantity=40))
 
     await share_calls(caller, replicas, clean_b)
+
+
+async def test_serve_processes_on_two_databases_reserve_across_nats(nats_url, cluster, db, clean_b, database_url_b):
+    """Real `switchboard serve` groups: orders' ReserveStock on A crosses to inventory on B's
+    database; InsufficientStock is A's 409; with B gone, A answers 503 at once."""
+    broker = {"SWITCHBOARD_NATS_URL": nats_url}
+    a = await cluster.start("a", modules=",".join(CALLER_MODULES), env=broker)
+    b = await cluster.start("b", modules="inventory", env={**broker, "DATABASE_URL": database_url_b})
+    stock = {"sku": "widget", "quantity": 3}
+    assert (await call(cluster.http, "POST", f"{b.url}/inventory/items", json_body=stock))[0] == 201
+
+    async def place(quantity: int, customer: str = "c-1") -> tuple[int, dict]:
+        body = order_body("widget", quantity, "pm_card_ok", customer)
+        status, _, answer = await call(cluster.http, "POST", f"{a.url}/orders", json_body=body)
+        return status, answer
+
+    for i in range(2):
+        status, body = await place(1, f"c-{i}")
+        assert status == 201, body
+    status, problem = await place(5)
+    assert (status, problem["code"]) == (409, "InsufficientStock"), problem
+
+    async def paid() -> bool:  # the outcome travels back to B's inventory through JetStream
+        level = (await call(cluster.http, "GET", f"{b.url}/inventory/items/widget"))[2]
+        return (level["available"], level["reserved"]) == (1, 0)
+
+    await wait_for(paid, 60.0, "both holds committed on B")
+    assert await clean_b.fetchval("SELECT count(*) FROM inventory_reservations") == 2
+    assert await db.fetchval("SELECT count(*) FROM inventory_reservations") == 0
+
+    b.kill()
+    started = time.perf_counter()
+    status, problem = await place(1)
+    assert status == 503 and problem["code"] == "Unavailable", problem
+    assert time.perf_counter() - started < 2.0  # no responders: not a timeout
