@@ -90,6 +90,8 @@ class BrokerLink:
             await self.publisher.stop()
         for consumer in self.consumers:
             await consumer.stop()
+        if self.responders and hasattr(self.system.transport, "attach"):
+            await self.system.transport.close()  # calls being answered get their replies out first
         if self.nc is not None:
             with contextlib.suppress(Exception):
                 await self.nc.drain()
