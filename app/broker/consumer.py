@@ -8,6 +8,14 @@ redelivers it and the inbox row makes the redelivery a no-op. That transaction k
 `synchronous_commit` on (unlike the relay's deliveries): once acknowledged, JetStream never sends
 the message again, so a commit lost in a database crash would be an effect lost for good.
 
+JetStream's ack wait is the relay's lease (SWITCHBOARD_RELAY_LEASE), kept alive while the
+message is handled by a progress signal every third of it, as the relay extends its leases: a
+consumer that died mid-delivery (or lost its node) gives its message to another replica after
+the lease, and a slow handler still keeps it. The acknowledgement after the commit is asked again
+while no answer comes (the consumer's leader died with its node; the next one is elected within
+seconds): with one message in flight per partition, a lost ack would otherwise hold the whole
+partition for the ack wait.
+
 A failure is nak'd with the subscription's backoff (the relay's retry policy, same settings);
 the delivery that exhausts its attempts parks the message in this database's `dead_letters`
 through the relay's own path: it becomes an outbox row of the subscriber, leased to this
@@ -73,6 +81,8 @@ RETURNING 1
 """
 CONFLICT_RETRIES = 4  # a delivery that lost an optimistic-concurrency race decides again
 FETCH_WAIT = 1.0  # a pull waits this long for a message before the loop checks for a stop
+ACK_TIMEOUT = 1.0  # one acknowledgement's wait for JetStream's answer
+ACK_PAUSE = 0.1  # between acknowledgements that got no answer
 _encode = msgspec.json.Encoder().encode
 
 
@@ -105,9 +115,9 @@ class Consumer:
         self.instance_id = instance_id or f"{settings.instance_id}-consumer"
         self.partitions, self.prefix, self.stream = partitions, prefix, stream
         self.handler_timeout = settings.relay_handler_timeout
-        # unacknowledged this long (the consumer died mid-delivery): JetStream delivers it again
-        self.ack_wait = ack_wait or 3 * self.handler_timeout
         self.lease_seconds = settings.relay_lease_seconds
+        # no ack and no progress this long (the consumer died mid-delivery): delivered again
+        self.ack_wait = ack_wait or self.lease_seconds
         self.policies = RetryPolicies(system.subscriptions, settings)
         # the event types it reads from the stream (default: all of its own; see routes.py)
         self.topics = topics or [t.topic() for t in bound.event_types]
@@ -178,6 +188,20 @@ class Consumer:
                                 msg.metadata.sequence.stream, type(error).__name__, error)  # fmt: skip
 
     async def handle(self, msg) -> None:
+        """Settle the message while telling JetStream it is in progress (see the module's docstring)."""
+        keeper = asyncio.create_task(self._keep(msg))
+        try:
+            await self.settle(msg)
+        finally:
+            keeper.cancel()
+
+    async def _keep(self, msg) -> None:
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            with contextlib.suppress(Exception):  # disconnected: the next one may reach it
+                await msg.in_progress()
+
+    async def settle(self, msg) -> None:
         """Apply, then ack; or nak with backoff; or park and ack."""
         row = self.row_of(msg)
         policy = self.policies[self.subscriber]
@@ -200,8 +224,21 @@ class Consumer:
 
     async def ack(self, msg) -> None:
         """After the commit (the seam where a test crashes before it). Waits for JetStream's
-        answer: a lost ack only means a redelivery, which the inbox absorbs."""
-        await msg.ack_sync()
+        answer, and acks again while none comes, for up to the ack wait: by then the message is
+        delivered again, and the inbox absorbs that. (An ack repeated after one that landed is
+        answered too.)"""
+        from nats.errors import Error as NatsError
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ack_wait
+        while True:
+            try:
+                await msg.ack_sync(timeout=ACK_TIMEOUT)
+                return
+            except NatsError:  # no answer, no responder, reconnecting: the same ack again
+                if loop.time() + ACK_PAUSE >= deadline:
+                    raise
+                await asyncio.sleep(ACK_PAUSE)
 
     async def _apply(self, row: dict) -> None:
         uow = self.system.uow()

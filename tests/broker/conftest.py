@@ -48,12 +48,14 @@ class Node:
     store: Path
     log_path: Path
     process: subprocess.Popen | None = None
+    routes: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self, routes: list[int]) -> None:
+        self.routes = list(routes)
         command = server_command(
             "127.0.0.1", self.port, self.store, name=self.name, cluster_name="switchboard-test",
             cluster_port=self.cluster_port, routes=routes, monitor_port=self.monitor_port,
@@ -71,6 +73,31 @@ class Node:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(STOP_TIMEOUT)
+
+    def kill(self) -> None:
+        """SIGKILL, like a crash: no shutdown, the store left as it was."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait(STOP_TIMEOUT)
+
+    def restart(self) -> None:
+        """A killed node again: same name, ports, store and routes."""
+        assert self.process is not None and self.process.poll() is not None, "kill it first"
+        self.start(self.routes)
+
+    async def wait_current(self, session: aiohttp.ClientSession, timeout: float = READY_TIMEOUT) -> None:
+        """Until the node's /healthz is ok: running, and its JetStream streams and consumers caught
+        up with their leaders."""
+
+        async def healthy() -> bool:
+            assert self.process is not None and self.process.poll() is None, f"{self.name} exited"
+            try:
+                async with session.get(f"http://127.0.0.1:{self.monitor_port}/healthz") as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_for(healthy, timeout, f"{self.name} healthy and current", interval=0.1)
 
 
 @dataclass
