@@ -34,6 +34,28 @@ NO_RESPONDERS_PAUSE = 0.05  # between publishes the stream did not answer yet (s
 
 # The claim returns no partition key (the relay's handlers do not need it): read it for the batch.
 KEYS_SQL = "SELECT id, partition_key FROM outbox WHERE id = ANY($1::bigint[])"
+# A publish that failed because the broker is away (no connection, no stream leader, no answer)
+# is not the row's failure: handed back without spending an attempt, due again after a pause
+# that grows while the broker stays away. An outage of any length ends in a publish, never in a
+# dead letter; the outbox gauges and SwitchboardBrokerDisconnected show it meanwhile.
+AWAY_SQL = """
+UPDATE outbox SET locked_by = NULL, locked_until = NULL, attempts = greatest(attempts - 1, 0),
+                  available_at = now() + make_interval(secs => $3), last_error = $4
+WHERE id = ANY($1::bigint[]) AND locked_by = $2 AND status = 'pending'
+"""
+AWAY_PAUSE = (0.5, 5.0)  # seconds: the first pause, doubled per batch that found the broker away, up to the second
+
+
+def broker_away(error: BaseException) -> bool:
+    """Whether a publish failed for the broker's sake (retry, free) or the message's (an attempt)."""
+    import nats.errors
+    from nats.js.errors import APIError, ServiceUnavailableError
+
+    if isinstance(error, ServiceUnavailableError):  # the stream has no leader right now
+        return True
+    if isinstance(error, (APIError, nats.errors.MaxPayloadError)):  # refused: this message
+        return False
+    return isinstance(error, (nats.errors.Error, TimeoutError, OSError))
 
 
 class Publisher:
@@ -66,6 +88,7 @@ class Publisher:
         self._unsubscribe = system.db.on_outbox_written(self._wake.set)
         self._stopping = False
         self._task: asyncio.Task | None = None
+        self._pause = AWAY_PAUSE[0]
         self.published = 0
 
     def start(self) -> asyncio.Task:
@@ -126,7 +149,17 @@ class Publisher:
         if done:
             async with self.db.acquire() as conn, conn.transaction():
                 self.published += await self.acknowledge(conn, done)
-        outcomes = [Outcome(row, result) for row, result in zip(rows, results, strict=True)]
+            self._pause = AWAY_PAUSE[0]
+        away = [(row, result) for row, result in zip(rows, results, strict=True) if result is not None and broker_away(result)]
+        if away:
+            error = away[0][1]
+            log.warning("publisher %s: broker away (%s: %s): %d rows wait %.1fs, attempts not spent", self.instance_id,
+                        type(error).__name__, error, len(away), self._pause)  # fmt: skip
+            await self.db.execute(AWAY_SQL, [row["id"] for row, _ in away], self.instance_id, self._pause,
+                                  f"broker away: {type(error).__name__}: {error}"[:2000])  # fmt: skip
+            self._pause = min(2 * self._pause, AWAY_PAUSE[1])
+        failed = {row["id"] for row, _ in away}
+        outcomes = [Outcome(row, result) for row, result in zip(rows, results, strict=True) if row["id"] not in failed]
         await settle(self.system, outcomes, self._policies, self.instance_id)
 
     def acknowledge(self, conn, ids: list[int]):

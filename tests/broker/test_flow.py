@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import aiohttp
 import msgspec
 import nats
 import pytest
@@ -282,3 +283,31 @@ async def test_running_publisher_and_consumer_carry_a_row_committed_after_they_s
     assert await system_b.db.fetchval("SELECT message_id FROM notifications_sent") == message_id
     assert publisher.published == 1
     assert await db.fetchval("SELECT count(*) FROM outbox") == 0  # acknowledged: deleted (outbox retention 0, the default)
+
+
+async def test_a_broker_outage_spends_no_attempt_and_ends_in_a_publish_not_a_dead_letter(system, db, js, nats_cluster):
+    message_id = await record_on_a(db, uuid.uuid4(), 1)
+    publisher = Publisher(system, js, partitions=PARTITIONS, publish_timeout=0.5)
+    for node in nats_cluster.nodes:
+        node.kill()
+
+    for _ in range(system.settings.retry_max_attempts + 2):  # more claims than any policy allows
+        await db.execute("UPDATE outbox SET available_at = now()")  # the pause is the test's to skip
+        assert await publisher.run_once() == 1
+    row = await db.fetchrow("SELECT status, attempts, locked_by, last_error, available_at > now() AS paused FROM outbox")
+    assert (row["status"], row["attempts"], row["locked_by"], row["paused"]) == ("pending", 0, None, True)
+    assert row["last_error"].startswith("broker away: ")
+    assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+    for node in nats_cluster.nodes:
+        node.restart()
+    async with aiohttp.ClientSession() as session:
+        for node in nats_cluster.nodes:
+            await node.wait_current(session)
+    await db.execute("UPDATE outbox SET available_at = now()")
+    async def published() -> bool:
+        await publisher.run_once()
+        return await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
+
+    await wait_for(published, WAIT, "the row published once the cluster is back")
+    assert (await js.get_msg(STREAM, 1)).headers["Nats-Msg-Id"] == str(message_id)
