@@ -186,9 +186,10 @@ def bootstrap(
         if module.name in hosted:
             system.background.extend(inject_task(task, providers) for task in module.background)
     if settings.nats_url:  # until a live broker link says its consumers have caught up: all held
+        from app.broker.apply import taken_name
         from app.broker.routes import consumed_topics, event_owners
 
-        held = frozenset(consumed_topics(system.subscriptions, event_owners(modules), hosted))
+        held = frozenset(map(taken_name, consumed_topics(system.subscriptions, event_owners(modules), hosted)))
         system.inbox_holds = lambda: held
     return system
 

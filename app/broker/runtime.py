@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from app.broker.apply import taken_name
 from app.broker.consumer import Consumer
 from app.broker.publisher import Publisher
 from app.broker.routes import PUBLISHER, consumed_topics, event_owners
@@ -97,17 +98,17 @@ class BrokerLink:
                 await self.nc.drain()
 
     def inbox_holds(self) -> frozenset[str]:
-        """The subscribers whose inbox rows the purge must keep now. A message JetStream still
-        holds unacknowledged (applied and committed, then its consumer died before the ack) comes
-        back within the consumers' ack_wait once they pull again, and its inbox row is what makes
-        it a no-op: so the rows stay until this link's consumers have been pulling, connected, for
+        """The inbox names whose rows the purge must keep now: the consumers' taken-rows
+        (`broker:<subscriber>`). A message JetStream still holds unacknowledged (taken and
+        committed, then its consumer died before the ack) comes back within the consumers'
+        ack_wait once they pull again, and its taken-row is what makes it a no-op: so the rows stay until this link's consumers have been pulling, connected, for
         twice that long. While the link is down they all stay."""
         if not self.consumers:
             return frozenset()
         window = 2 * max(c.ack_wait for c in self.consumers)
         if self.live_since is not None and time.monotonic() - self.live_since >= window:
             return frozenset()
-        return frozenset(c.subscriber for c in self.consumers)
+        return frozenset(taken_name(c.subscriber) for c in self.consumers)
 
     async def _error(self, error: Exception) -> None:
         log.warning("broker: %s: %s", type(error).__name__, error)

@@ -2,10 +2,12 @@
 event type), and the message headers an outbox row becomes.
 
 Per-key order: a key (the event's stream, the outbox's `partition_key`) always maps to the same
-partition, and each remote subscriber reads each partition through a durable consumer with
-`max_ack_pending = 1`. JetStream keeps a message that was nak'd pending until it is acked, so the
-next message of the partition is not delivered before it: the key's order holds across retries,
-as the outbox's does. Partitions run in parallel; keys in one partition share its order.
+partition, and each remote subscriber reads each partition through a durable consumer that one
+consumer at a time pulls, a batch at a time, applying the batch in stream order
+(app/broker/consumer.py). A message whose handler fails is not sent back to JetStream but handed
+to the consuming database's outbox, and its key's later messages queue behind it there
+(app/broker/apply.py): the key's order holds across retries, as the outbox's does. Partitions run
+in parallel; keys in one partition share its order.
 """
 
 from __future__ import annotations

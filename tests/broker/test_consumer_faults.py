@@ -59,9 +59,9 @@ class LostAck:
 class LosingAcks(Consumer):
     handled = 0
 
-    async def handle(self, msg) -> None:
-        self.handled += 1
-        await super().handle(LostAck(msg, failures=2))
+    async def handle(self, messages) -> None:
+        self.handled += len(messages)
+        await super().handle([LostAck(msg, failures=2) for msg in messages])
 
 
 async def test_an_acknowledgement_without_an_answer_is_sent_again_instead_of_waiting_for_a_redelivery(
@@ -77,12 +77,14 @@ async def test_an_acknowledgement_without_an_answer_is_sent_again_instead_of_wai
 
 
 class Dying(Consumer):
-    """Takes the first message and dies with it: no outcome, no acknowledgement, no progress."""
+    """Takes the first batch and dies with it: no outcome, no acknowledgement, no progress, and
+    its database session (the partitions' locks) gone as a dead process's is."""
 
-    async def handle(self, msg) -> None:
-        self.took = msg.metadata.sequence.stream
+    async def handle(self, messages) -> None:
+        self.took = messages[0].metadata.sequence.stream
         for task in self._tasks:
             task.cancel()
+        await self._lock_conn.close()
         await asyncio.Event().wait()
 
 
@@ -103,9 +105,9 @@ async def test_a_message_whose_consumer_died_goes_to_another_after_the_lease(sys
 class Slow(Consumer):
     handled = 0
 
-    async def handle(self, msg) -> None:
-        self.handled += 1
-        await super().handle(msg)
+    async def handle(self, messages) -> None:
+        self.handled += len(messages)
+        await super().handle(messages)
 
 
 async def test_a_handler_slower_than_the_lease_keeps_its_message_and_runs_once(system, db, js, system_b, consumers):  # noqa: F811

@@ -1,6 +1,7 @@
 """Events from database A to a subscriber on database B through a 3-node JetStream cluster:
-published once A's outbox row is acknowledged by JetStream, applied once on B (inbox), in key
-order, and parked in B's own dead letters when the handler keeps failing."""
+published once A's outbox row is acknowledged by JetStream, applied once on B (a taken-row in B's
+inbox), in key order; a failing message is handed to B's outbox, whose relay retries it and parks
+it in B's own dead letters when the handler keeps failing."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import nats
 import pytest
 
 from app.bootstrap import System, bootstrap
+from app.broker.apply import taken_name
 from app.broker.consumer import Consumer, durable_name
 from app.broker.publisher import PUBLISHER, Publisher
 from app.broker.stream import STREAM, cluster_size, ensure_stream, partition_of
@@ -99,7 +101,7 @@ async def test_events_published_on_a_are_applied_once_on_b(system, db, js, syste
     assert sorted((r["order_id"], r["message_id"]) for r in sent) == sorted(zip(orders, ids, strict=True))
     assert {r["kind"] for r in sent} == {"payment_captured"}
     inbox = await system_b.db.fetch("SELECT subscriber, message_id FROM inbox")
-    assert sorted(r["message_id"] for r in inbox) == sorted(ids) and {r["subscriber"] for r in inbox} == {SUBSCRIBER}
+    assert sorted(r["message_id"] for r in inbox) == sorted(ids) and {r["subscriber"] for r in inbox} == {taken_name(SUBSCRIBER)}
     assert await db.fetchval("SELECT count(*) FROM outbox WHERE status <> 'delivered'") == 0
     assert await db.fetchval("SELECT count(*) FROM notifications_sent") == 0  # A holds no notifications
     assert await system_b.db.fetchval("SELECT count(*) FROM outbox") == 0
@@ -152,9 +154,9 @@ class CrashBeforeAck(Consumer):
 class Counting(Consumer):
     handled = 0
 
-    async def handle(self, msg) -> None:
-        self.handled += 1
-        await super().handle(msg)
+    async def handle(self, messages) -> None:
+        self.handled += len(messages)
+        await super().handle(messages)
 
 
 async def test_a_redelivery_after_a_crash_before_the_ack_is_settled_by_the_inbox(system, db, js, system_b, consumers):
@@ -172,7 +174,7 @@ async def test_a_redelivery_after_a_crash_before_the_ack_is_settled_by_the_inbox
     after = await start(consumers, Counting(system_b, js, SUBSCRIBER, partitions=PARTITIONS, ack_wait=1.0))
     await wait_for(lambda: acknowledged_everything(js), WAIT, "the redelivery acknowledged")
 
-    assert after.handled == 1 and after.applied == 0  # redelivered, and the inbox skipped the handler
+    assert after.handled == 1 and after.applied == 0  # redelivered, and the taken-row skipped the handler
     assert await system_b.db.fetchval("SELECT count(*) FROM notifications_sent") == 1
 
 
@@ -180,14 +182,19 @@ async def test_a_handler_that_keeps_failing_ends_in_b_dead_letters_and_replays_t
     message_id = await record_on_a(db, uuid.uuid4(), 1)
     await Publisher(system, js, partitions=PARTITIONS).drain()
     failing = Consumer(system_b, js, SUBSCRIBER, partitions=PARTITIONS)
+    real_handler = failing.bound.handler
 
     async def broken(event, uow, envelope):
         raise RuntimeError("mail server down")
 
     failing.bound = replace(failing.bound, handler=broken)
+    system_b.subscriptions[SUBSCRIBER] = failing.bound  # B's relay runs the same broken handler
     await start(consumers, failing)
-    await wait_for(lambda: acknowledged_everything(js), WAIT, "the message parked and acknowledged")
+    await wait_for(lambda: acknowledged_everything(js), WAIT, "the message handed over and acknowledged")
+    assert await system_b.db.fetchval("SELECT attempts FROM outbox WHERE message_id = $1", message_id) == 1
 
+    relay_b = Relay(system_b, instance_id="relay-b")
+    await wait_for(lambda: _drained_to_dead(relay_b, system_b), WAIT, "B's relay retried it to a dead letter")
     parked = await letters.list_dead_letters(system_b.db)
     assert [(p["subscriber"], p["message_id"], p["attempts"], p["error_type"]) for p in parked] == [
         (SUBSCRIBER, message_id, 3, "RuntimeError")
@@ -195,9 +202,17 @@ async def test_a_handler_that_keeps_failing_ends_in_b_dead_letters_and_replays_t
     assert await system_b.db.fetchval("SELECT count(*) FROM notifications_sent") == 0
     assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0  # A's side published fine
     # B's operator replays it; B's own relay delivers it with the real handler
+    system_b.subscriptions[SUBSCRIBER] = replace(failing.bound, handler=real_handler)
     assert await letters.replay(system_b.db, [parked[0]["id"]], "operator") == [parked[0]["id"]]
     await Relay(system_b, instance_id="relay-b").drain()
     assert await system_b.db.fetchval("SELECT count(*) FROM notifications_sent") == 1
+
+
+async def _drained_to_dead(relay: Relay, system_b: System) -> bool:
+    """One relay pass with the retry pauses skipped (they are the policy's, not the test's)."""
+    await system_b.db.execute("UPDATE outbox SET available_at = now() WHERE status = 'pending'")
+    await relay.drain()
+    return await system_b.db.fetchval("SELECT count(*) FROM dead_letters") == 1
 
 
 async def test_a_retried_message_keeps_its_key_ahead_of_the_next_one(system, db, js, system_b, consumers):
@@ -216,9 +231,20 @@ async def test_a_retried_message_keeps_its_key_ahead_of_the_next_one(system, db,
         await real(event, uow=uow, envelope=envelope)
 
     consumer.bound = replace(consumer.bound, handler=flaky)
+    system_b.subscriptions[SUBSCRIBER] = consumer.bound  # B's relay retries it with the same handler
     await start(consumers, consumer)
-    await wait_for(lambda: acknowledged_everything(js), WAIT, "both messages acknowledged")
+    await wait_for(lambda: acknowledged_everything(js), WAIT, "both messages taken and acknowledged")
+    queued = await system_b.db.fetch("SELECT message_id FROM outbox WHERE status = 'pending' ORDER BY id")
+    assert [r["message_id"] for r in queued] == [first, second]  # handed over, the second behind it
 
+    relay_b = Relay(system_b, instance_id="relay-b")
+
+    async def both_sent() -> bool:
+        await system_b.db.execute("UPDATE outbox SET available_at = now() WHERE status = 'pending'")
+        await relay_b.drain()
+        return await system_b.db.fetchval("SELECT count(*) = 2 FROM notifications_sent")
+
+    await wait_for(both_sent, WAIT, "B's relay retried the first, then the second")
     assert seen == [first, first, first, second]
     sent = await system_b.db.fetch("SELECT message_id FROM notifications_sent ORDER BY id")
     assert [r["message_id"] for r in sent] == [first, second]
@@ -255,12 +281,16 @@ async def test_a_parked_key_holds_later_messages_back_until_its_letter_is_replay
         await real(event, uow=uow, envelope=envelope)
 
     consumer.bound = replace(consumer.bound, handler=fails_for_the_first)
+    system_b.subscriptions[SUBSCRIBER] = consumer.bound
     await start(consumers, consumer)
     await wait_for(lambda: acknowledged_everything(js), WAIT, "both messages settled")
+    relay_b = Relay(system_b, instance_id="relay-b")
+    await wait_for(lambda: _drained_to_dead(relay_b, system_b), WAIT, "the first parked by B's relay")
+    system_b.subscriptions[SUBSCRIBER] = replace(consumer.bound, handler=real)
 
     assert await system_b.db.fetchval("SELECT count(*) FROM notifications_sent") == 0  # the second waits
     waiting = await system_b.db.fetch("SELECT message_id, status FROM outbox ORDER BY id")
-    assert [(r["message_id"], r["status"]) for r in waiting] == [(first, "dead"), (second, "pending")]
+    assert [(r["message_id"], r["status"]) for r in waiting] == [(first, "dead"), (second, "blocked")]  # parked behind it
     (letter,) = await letters.parked_ids(system_b.db)
     await letters.replay(system_b.db, [letter], "operator")
     await Relay(system_b, instance_id="relay-b").drain()
