@@ -33,7 +33,16 @@ import asyncpg
 import msgspec
 
 from app.broker.apply import Applier
-from app.broker.stream import KEY_HEADER, PARTITIONS, POSITION_HEADER, STREAM, SUBJECTS, TYPE_HEADER, filters, metadata_of
+from app.broker.stream import (
+    KEY_HEADER,
+    PARTITIONS,
+    POSITION_HEADER,
+    STREAM,
+    SUBJECTS,
+    TYPE_HEADER,
+    filters,
+    metadata_of,
+)
 
 if TYPE_CHECKING:
     from app.bootstrap import System
