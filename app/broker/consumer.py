@@ -62,6 +62,25 @@ def durable_name(subscriber: str, partition: int) -> str:
     return f"{subscriber.replace('.', '_')}-p{partition}"
 
 
+class PullHealth:
+    """A consumer's pulls failing (a node lost, a leader being elected) are logged once when the
+    first partition's fail and once when the last one's work again, not once a pull."""
+
+    def __init__(self, subscriber: str) -> None:
+        self.subscriber, self.failing = subscriber, set[int]()
+
+    def fail(self, partition: int, error: BaseException) -> None:
+        if not self.failing:
+            log.warning("consumer %s: pulls failing: %s: %s", self.subscriber, type(error).__name__, error)
+        self.failing.add(partition)
+
+    def work(self, partition: int) -> None:
+        if partition in self.failing:
+            self.failing.discard(partition)
+            if not self.failing:
+                log.info("consumer %s: pulls work again", self.subscriber)
+
+
 class Consumer:
     """One subscriber of this database fed from the stream, partition by partition."""
 
@@ -95,7 +114,7 @@ class Consumer:
         self._stopping = False
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_use = asyncio.Lock()
-        self._failing: set[int] = set()  # partitions whose pulls fail now (logged once per outage)
+        self._pulls = PullHealth(subscriber)
 
     @property
     def applied(self) -> int:
@@ -164,13 +183,13 @@ class Consumer:
             try:
                 messages = await sub.fetch(BATCH, timeout=FETCH_WAIT)
             except FetchTimeout:
-                self._pulls_work(partition)
+                self._pulls.work(partition)
                 continue
             except Exception as error:  # the broker is away: the client reconnects, pull again
-                self._pulls_fail(partition, error)
+                self._pulls.fail(partition, error)
                 await asyncio.sleep(FETCH_WAIT)
                 continue
-            self._pulls_work(partition)
+            self._pulls.work(partition)
             if not messages:
                 continue
             try:
@@ -196,19 +215,8 @@ class Consumer:
                 await asyncio.sleep(self.ack_wait)  # a dead holder's batch: its redelivery comes first
             return conn
         except Exception as error:
-            self._pulls_fail(partition, error)
+            self._pulls.fail(partition, error)
             return None
-
-    def _pulls_fail(self, partition: int, error: BaseException) -> None:
-        if not self._failing:
-            log.warning("consumer %s: pulls failing: %s: %s", self.subscriber, type(error).__name__, error)
-        self._failing.add(partition)
-
-    def _pulls_work(self, partition: int) -> None:
-        if partition in self._failing:
-            self._failing.discard(partition)
-            if not self._failing:
-                log.info("consumer %s: pulls work again", self.subscriber)
 
     async def _give_back(self, messages) -> None:
         """Nak the batch in stream order: JetStream delivers it again, in that order, before anything new."""

@@ -14,7 +14,15 @@ from app.broker.publisher import Publisher
 from app.broker.stream import STREAM, partition_of
 from app.relay import Relay
 from tests.broker.test_flow import (  # noqa: F401 (fixtures)
-    PARTITIONS, SUBSCRIBER, WAIT, acknowledged_everything, consumers, js, record_on_a, start, system_b,
+    PARTITIONS,
+    SUBSCRIBER,
+    WAIT,
+    acknowledged_everything,
+    consumers,
+    js,
+    record_on_a,
+    start,
+    system_b,
 )  # fmt: skip
 from tests.scale.conftest import wait_for
 
