@@ -29,10 +29,10 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import msgspec
 
 from app.broker.apply import Applier
+from app.broker.partitions import PartitionLocks, PullHealth, durable_name
 from app.broker.stream import (
     KEY_HEADER,
     PARTITIONS,
@@ -53,32 +53,7 @@ BATCH = 64  # messages per pull, and the most a partition has unacknowledged
 FETCH_WAIT = 1.0  # a pull waits this long for a message before the loop checks for a stop
 ACK_TIMEOUT = 1.0  # one acknowledgement's wait for JetStream's answer
 ACK_PAUSE = 0.1  # between acknowledgements that got no answer
-LOCK_SQL = "SELECT pg_try_advisory_lock(hashtext('switchboard.broker'), hashtext($1))"
 _encode = msgspec.json.Encoder().encode
-
-
-def durable_name(subscriber: str, partition: int) -> str:
-    """JetStream names may not hold dots: `notifications.notify_customer` -> `notifications_notify_customer-p3`."""
-    return f"{subscriber.replace('.', '_')}-p{partition}"
-
-
-class PullHealth:
-    """A consumer's pulls failing (a node lost, a leader being elected) are logged once when the
-    first partition's fail and once when the last one's work again, not once a pull."""
-
-    def __init__(self, subscriber: str) -> None:
-        self.subscriber, self.failing = subscriber, set[int]()
-
-    def fail(self, partition: int, error: BaseException) -> None:
-        if not self.failing:
-            log.warning("consumer %s: pulls failing: %s: %s", self.subscriber, type(error).__name__, error)
-        self.failing.add(partition)
-
-    def work(self, partition: int) -> None:
-        if partition in self.failing:
-            self.failing.discard(partition)
-            if not self.failing:
-                log.info("consumer %s: pulls work again", self.subscriber)
 
 
 class Consumer:
@@ -112,8 +87,7 @@ class Consumer:
         self._subscriptions: list[Any] = []
         self._tasks: list[asyncio.Task] = []
         self._stopping = False
-        self._lock_conn: asyncpg.Connection | None = None
-        self._lock_use = asyncio.Lock()
+        self._locks = PartitionLocks(system.db.url, subscriber, f"{self.instance_id} {subscriber}")
         self._pulls = PullHealth(subscriber)
 
     @property
@@ -166,26 +140,30 @@ class Consumer:
         for sub in self._subscriptions:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        if self._lock_conn is not None:
-            with contextlib.suppress(Exception):
-                await self._lock_conn.close()  # the partitions' locks go with the session
+        await self._locks.close()
 
     async def _consume(self, partition: int, sub) -> None:
+        try:
+            await self._pull(partition, sub)
+        finally:  # stopped, or died of something unforeseen: another consumer may take it now
+            with contextlib.suppress(Exception):
+                await self._locks.release(partition)
+
+    async def _pull(self, partition: int, sub) -> None:
         from nats.errors import TimeoutError as FetchTimeout
 
-        held_on = None  # the lock session this loop holds its partition's lock on
         while not self._stopping:
-            if held_on is None or held_on.is_closed():
-                held_on = await self._take(partition)
-                if held_on is None:
-                    await asyncio.sleep(FETCH_WAIT)
-                    continue
+            if not await self._take(partition):
+                await asyncio.sleep(FETCH_WAIT)
+                continue
             try:
                 messages = await sub.fetch(BATCH, timeout=FETCH_WAIT)
             except FetchTimeout:
                 self._pulls.work(partition)
                 continue
-            except Exception as error:  # the broker is away: the client reconnects, pull again
+            except (Exception, asyncio.CancelledError) as error:  # the broker is away: pull again
+                if isinstance(error, asyncio.CancelledError) and asyncio.current_task().cancelling():
+                    raise  # this loop is being stopped, not the client's request
                 self._pulls.fail(partition, error)
                 await asyncio.sleep(FETCH_WAIT)
                 continue
@@ -200,23 +178,19 @@ class Consumer:
                 await self._give_back(messages)
                 await asyncio.sleep(FETCH_WAIT)
 
-    async def _take(self, partition: int):
-        """The lock session if this consumer now holds the partition, else None. A partition taken
-        while messages are pending waits one ack wait: those are redelivered before new ones."""
+    async def _take(self, partition: int) -> bool:
+        """Whether this consumer holds the partition (now or already). A partition taken while
+        messages are pending waits one ack wait: those are redelivered before new ones."""
         try:
-            async with self._lock_use:
-                if self._lock_conn is None or self._lock_conn.is_closed():
-                    self._lock_conn = await asyncpg.connect(self.system.db.url)
-                conn = self._lock_conn
-                if not await conn.fetchval(LOCK_SQL, durable_name(self.subscriber, partition)):
-                    return None
+            if not await self._locks.take(partition):
+                return partition in self._locks.held
             info = await self.js.consumer_info(self.stream, durable_name(self.subscriber, partition))
             if info.num_ack_pending:
                 await asyncio.sleep(self.ack_wait)  # a dead holder's batch: its redelivery comes first
-            return conn
+            return True
         except Exception as error:
             self._pulls.fail(partition, error)
-            return None
+            return False
 
     async def _give_back(self, messages) -> None:
         """Nak the batch in stream order: JetStream delivers it again, in that order, before anything new."""

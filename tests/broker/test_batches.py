@@ -71,11 +71,12 @@ async def test_a_failing_message_mid_batch_is_handed_to_b_outbox_and_its_key_wai
     consumer = Counting(system_b, js, SUBSCRIBER, partitions=PARTITIONS)
     real, calls, mail_server = consumer.bound.handler, [], {"up": False}
 
-    async def fails_once(event, uow, envelope):
-        calls.append(envelope.message_id)
-        if envelope.message_id == failing and not mail_server["up"]:
-            raise RuntimeError("mail server down")
-        await real(event, uow=uow, envelope=envelope)
+    async def fails_once(items, uow, envelope):  # a batch subscription: the consumer passes one item
+        for item in items:
+            calls.append(item.envelope.message_id)
+            if item.envelope.message_id == failing and not mail_server["up"]:
+                raise RuntimeError("mail server down")
+        await real(items, uow=uow, envelope=envelope)
 
     consumer.bound = replace(consumer.bound, handler=fails_once)
     system_b.subscriptions[SUBSCRIBER] = consumer.bound  # B's relay runs the same handler

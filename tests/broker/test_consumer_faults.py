@@ -84,7 +84,7 @@ class Dying(Consumer):
         self.took = messages[0].metadata.sequence.stream
         for task in self._tasks:
             task.cancel()
-        await self._lock_conn.close()
+        await self._locks.conn.close()
         await asyncio.Event().wait()
 
 
