@@ -51,6 +51,7 @@ log = logging.getLogger("app.broker")
 
 BATCH = 64  # messages per pull, and the most a partition has unacknowledged
 FETCH_WAIT = 1.0  # a pull waits this long for a message before the loop checks for a stop
+MORE_WAIT = 0.5  # the rest of a batch, already waiting on the server: a bound, not a pause
 ACK_TIMEOUT = 1.0  # one acknowledgement's wait for JetStream's answer
 ACK_PAUSE = 0.1  # between acknowledgements that got no answer
 _encode = msgspec.json.Encoder().encode
@@ -157,7 +158,7 @@ class Consumer:
                 await asyncio.sleep(FETCH_WAIT)
                 continue
             try:
-                messages = await sub.fetch(BATCH, timeout=FETCH_WAIT)
+                messages = await self._fetch(sub)
             except FetchTimeout:
                 self._pulls.work(partition)
                 continue
@@ -177,6 +178,17 @@ class Consumer:
                             len(messages), messages[0].metadata.sequence.stream, type(error).__name__, error)  # fmt: skip
                 await self._give_back(messages)
                 await asyncio.sleep(FETCH_WAIT)
+
+    async def _fetch(self, sub) -> list:
+        """A batch: a long poll for the first message, then a request for exactly the ones the
+        first says are waiting behind it (up to BATCH). One request for BATCH would be held open by
+        the server until BATCH came or it expired, delaying every batch that is not full."""
+        batch = await sub.fetch(1, timeout=FETCH_WAIT)
+        more = min(BATCH - 1, batch[0].metadata.num_pending)
+        if more:
+            with contextlib.suppress(Exception):  # what came is a batch: the rest comes next pull
+                batch += await sub.fetch(more, timeout=MORE_WAIT)
+        return batch
 
     async def _take(self, partition: int) -> bool:
         """Whether this consumer holds the partition (now or already). A partition taken while
