@@ -91,9 +91,7 @@ class Consumer:
         self._locks = PartitionLocks(system.db.url, subscriber, f"{self.instance_id} {subscriber}")
         self._pulls = PullHealth(subscriber)
 
-    @property
-    def applied(self) -> int:
-        return self.applier.applied
+    applied = property(lambda self: self.applier.applied)
 
     @property
     def applier(self) -> Applier:
@@ -180,9 +178,8 @@ class Consumer:
                 await asyncio.sleep(FETCH_WAIT)
 
     async def _fetch(self, sub) -> list:
-        """A batch: a long poll for the first message, then a request for exactly the ones the
-        first says are waiting behind it (up to BATCH). One request for BATCH would be held open by
-        the server until BATCH came or it expired, delaying every batch that is not full."""
+        """A long poll for the first message, then a request for exactly the ones waiting behind it:
+        one request for BATCH would be held open until BATCH came, delaying a batch not full."""
         batch = await sub.fetch(1, timeout=FETCH_WAIT)
         more = min(BATCH - 1, batch[0].metadata.num_pending)
         if more:
