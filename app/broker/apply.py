@@ -17,9 +17,10 @@ charged the deliveries that ended without an outcome (LeaseExpired, as the relay
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
-from app import observe
+from app import observe, relay
 from app.conflicts import retry_on_conflict
 from app.messages import ConcurrencyError, PermanentError
 from app.relay.policy import LeaseExpired, RetryPolicies
@@ -34,6 +35,7 @@ TAKE_MANY_SQL = """
 INSERT INTO inbox (subscriber, message_id) SELECT $1, unnest($2::uuid[])
 ON CONFLICT DO NOTHING RETURNING message_id
 """
+UNTAKE_SQL = "DELETE FROM inbox WHERE subscriber = $1 AND message_id = ANY($2::uuid[])"
 QUEUED_KEYS_SQL = """
 SELECT DISTINCT partition_key FROM outbox
 WHERE subscriber = $1 AND partition_key = ANY($2::text[]) AND status <> 'delivered'
@@ -94,17 +96,23 @@ class Applier:
 
     async def apply(self, rows: list[dict[str, Any]]) -> None:
         """The batch, fast if it is a first delivery, else (or after a handler failure) carefully."""
+        left = rows
         if rows[0]["attempts"] == 1:
             try:
-                await retry_on_conflict(self.fast, rows, retries=CONFLICT_RETRIES, conflict=_lost_race)
+                while left:
+                    left = await retry_on_conflict(self.fast, left, retries=CONFLICT_RETRIES, conflict=_lost_race)
                 return
             except HandlerFailed:
                 pass
-        await self.careful(rows)
+        await self.careful(left)
 
-    async def fast(self, rows: list[dict[str, Any]]) -> None:
-        """Every message in one transaction, in stream order; raises HandlerFailed (rolled back)."""
-        uow, applied, queued_any = self.system.uow(), 0, False
+    async def fast(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The messages in one transaction, in stream order; raises HandlerFailed (rolled back).
+        Like the relay's fast runs, it commits early once it has held recorded events for
+        RUN_HOLD_SECONDS (another writer of those streams, e.g. POST /orders reserving stock,
+        waits on them until then): the rest are given back (their taken-rows deleted) and returned."""
+        uow, applied, queued_any, left = self.system.uow(), 0, False, []
+        hold, began = relay.RUN_HOLD_SECONDS, None
         async with uow:
             conn = await uow.transaction()
             fresh = {r[0] for r in await conn.fetch(TAKE_MANY_SQL, self.taken, [r["message_id"] for r in rows])}
@@ -116,16 +124,23 @@ class Applier:
                     await conn.execute(QUEUE_SQL, *self.columns(row))
                     queued_any = True
                     continue
+                child = uow.child()
                 try:
                     async with asyncio.timeout(self.handler_timeout):
-                        await self.run(uow.child(), row)
+                        await self.run(child, row)
                 except Exception as error:
                     raise HandlerFailed(error) from error
                 applied += 1
+                began = began if began is not None or not child.positions else time.perf_counter()
+                if began is not None and time.perf_counter() - began >= hold and row is not todo[-1]:
+                    left = todo[todo.index(row) + 1 :]
+                    await conn.execute(UNTAKE_SQL, self.taken, [r["message_id"] for r in left])
+                    break
             await uow.commit()
         self.applied += applied
         if queued_any:
             self.system.db.outbox_written()  # this process's relay delivers them in turn
+        return left
 
     async def careful(self, rows: list[dict[str, Any]]) -> None:
         """One transaction per message, its handler in a savepoint; a failure is handed over."""
