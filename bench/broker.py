@@ -482,7 +482,7 @@ async def run_across(server: env.DatabaseServer, nats: Nats, name: str, args, lo
         left = await watch.count("publish_pending")  # rows published after the poll saw the first ones go
         t1 = await watch.until("the backlog published", lambda: _below(watch, 1))
         cpu1 = _cpu(roots | setup.roots)
-        publish = {"publish_per_s": round(left / (t1 - t0), 1), "published_in_window": left,
+        publish = {"publish_per_s": round(left / (t1 - t0), 1) if left else None, "published_in_window": left,
                    "publish_seconds": round(t1 - t0, 3), **_cpu_per_order(cpu0, cpu1, max(1, left))}  # fmt: skip
         await setup.servers["a"].wait_ready(setup.base + "/health/ready")
 
