@@ -331,10 +331,10 @@ async def drain(setup: Setup, watch: Watch, orders: int, start_consumer, postgre
     roots = setup.roots | {"postgres": postgres}
     await start_consumer()
     await watch.until("the first charge", lambda: _at_least(watch, "charged", 1))
-    t0, cpu0 = time.perf_counter(), _cpu(roots | setup.roots)
+    t0, cpu0, box0 = time.perf_counter(), _cpu(roots | setup.roots), env.machine_busy()
     t_charged = await watch.until("every order charged", lambda: _at_least(watch, "charged", orders))
     t_done = await watch.until("every order complete", lambda: _completed(watch, orders))
-    cpu1 = _cpu(roots | setup.roots)
+    cpu1, box1 = _cpu(roots | setup.roots), env.machine_busy()
     facts = await watch.facts()
     charges = sorted(facts["charged"].values())
     done = completion_times(facts)
@@ -348,6 +348,9 @@ async def drain(setup: Setup, watch: Watch, orders: int, start_consumer, postgre
         "flow_seconds": round(flow_span, 3),
         "polled_charge_seconds": round(t_charged - t0, 3),
         "polled_flow_seconds": round(t_done - t0, 3),
+        # the whole machine's busy cores meanwhile, ours or not: near 2 = someone else's load too
+        "box_cores": round((box1 - box0) / (t_done - t0), 2),
+        "our_cores": round(sum(cpu1[k] - cpu0[k] for k in cpu1 if k in cpu0) / (t_done - t0), 2),
         **_cpu_per_order(cpu0, cpu1, orders),
     }
 
@@ -406,7 +409,7 @@ async def lag_steps(setup: Setup, watch: Watch, skus: list[str], rates: list[flo
         total += len(warm["ids"])
         await watch.until("the warm-up's orders complete", lambda: _completed(watch, total))
         for rate in rates:
-            cpu0, t0 = _cpu(roots), time.perf_counter()
+            cpu0, t0, box0 = _cpu(roots), time.perf_counter(), env.machine_busy()
             sent = await offer(session, setup.base, skus, rate, duration)
             total += len(sent["ids"])
             try:
@@ -415,7 +418,7 @@ async def lag_steps(setup: Setup, watch: Watch, skus: list[str], rates: list[flo
             except TimeoutError:
                 settled = False
             wall = time.perf_counter() - t0
-            cpu1 = _cpu(roots)
+            cpu1, box = _cpu(roots), (env.machine_busy() - box0) / wall
             hop, flow, missing = lags(await watch.facts(), sent["ids"])
             records.append({
                 "rate": rate, "duration": duration, "sent": sent["sent"], "accepted": len(sent["ids"]),
@@ -423,6 +426,7 @@ async def lag_steps(setup: Setup, watch: Watch, skus: list[str], rates: list[flo
                 "settle_after_s": round(wall - duration, 2),
                 "hop": _ms(hop), "flow": _ms(flow), "request": sent["request"],
                 "cores": {k: round((cpu1[k] - cpu0[k]) / wall, 3) for k in cpu1 if k in cpu0},
+                "box_cores": round(box, 2),
                 **_cpu_per_order(cpu0, cpu1, max(1, len(sent["ids"]))),
                 "_hop": hop, "_flow": flow,
             })  # fmt: skip
@@ -525,6 +529,8 @@ def summarise(name: str, rounds: list[dict]) -> dict:
         "cpu_ms_per_order_ours",
         "cpu_ms_per_order_postgres",
         "cpu_ms_per_order_total",
+        "our_cores",
+        "box_cores",
     ):
         out[f"drain_{key}"] = med(("drain", key))
     if any("publish" in r for r in rounds):
@@ -534,37 +540,42 @@ def summarise(name: str, rounds: list[dict]) -> dict:
     for r in rounds:
         for step in r["lag"]:
             s = steps.setdefault(step["rate"], {"hop": [], "flow": [], "hop_p99_by_round": [], "settled": True,
-                                                "cpu": []})  # fmt: skip
+                                                "cpu": [], "box": []})  # fmt: skip
             s["hop"] += step["_hop"]
             s["flow"] += step["_flow"]
             s["hop_p99_by_round"].append(step["hop"]["p99_ms"])
             s["settled"] &= step["settled"] and not step["errors"]
             s["cpu"].append(step.get("cpu_ms_per_order_total"))
+            s["box"].append(step.get("box_cores"))
     out["lag"] = [
         {"rate": rate, "orders": len(s["hop"]), "hop": _ms(s["hop"]), "flow": _ms(s["flow"]),
          "hop_p99_by_round": s["hop_p99_by_round"], "settled": s["settled"],
-         "cpu_ms_per_order_total": statistics.median([c for c in s["cpu"] if c is not None] or [0])}
+         "cpu_ms_per_order_total": statistics.median([c for c in s["cpu"] if c is not None] or [0]),
+         "box_cores": statistics.median([c for c in s["box"] if c is not None] or [0])}
         for rate, s in sorted(steps.items())
     ]  # fmt: skip
     return out
 
 
 def table(summaries: list[dict]) -> str:
-    lines = [f"{'setup':<12} {'charge/s':>9} {'flow/s':>8} {'publish/s':>9} {'cpu ms/order ours+pg':>21}"]
+    lines = [
+        f"{'setup':<12} {'charge/s':>9} {'flow/s':>8} {'publish/s':>9} {'cpu ms/order ours+pg':>21} {'cores ours/box':>15}"
+    ]
     for s in summaries:
         cpu = f"{s['drain_cpu_ms_per_order_ours']}+{s['drain_cpu_ms_per_order_postgres']}"
         lines.append(f"{s['setup']:<12} {s['drain_charge_per_s']!s:>9} {s['drain_flow_per_s']!s:>8} "
-                     f"{s.get('publish_publish_per_s', '-')!s:>9} {cpu:>21}")  # fmt: skip
+                     f"{s.get('publish_publish_per_s', '-')!s:>9} {cpu:>21} "
+                     f"{str(s['drain_our_cores']) + '/' + str(s['drain_box_cores']):>15}")  # fmt: skip
     lines.append("")
     lines.append(
-        f"{'setup':<12} {'rate':>5} {'orders':>6} {'hop p50':>8} {'hop p99':>8} {'flow p50':>9} {'flow p99':>9} {'ms cpu/order':>12}"
+        f"{'setup':<12} {'rate':>5} {'orders':>6} {'hop p50':>8} {'hop p99':>8} {'flow p50':>9} {'flow p99':>9} {'ms cpu/order':>12} {'box':>5}"
     )
     for s in summaries:
         for step in s["lag"]:
             mark = "" if step["settled"] else "  (did not keep up)"
             lines.append(f"{s['setup']:<12} {step['rate']:>5g} {step['orders']:>6} {step['hop']['p50_ms']!s:>8} "
                          f"{step['hop']['p99_ms']!s:>8} {step['flow']['p50_ms']!s:>9} {step['flow']['p99_ms']!s:>9} "
-                         f"{step['cpu_ms_per_order_total']!s:>12}{mark}")  # fmt: skip
+                         f"{step['cpu_ms_per_order_total']!s:>12} {step['box_cores']!s:>5}{mark}")  # fmt: skip
     return "\n".join(lines)
 
 
