@@ -550,8 +550,8 @@ def summarise(name: str, rounds: list[dict]) -> dict:
     out["lag"] = [
         {"rate": rate, "orders": len(s["hop"]), "hop": _ms(s["hop"]), "flow": _ms(s["flow"]),
          "hop_p99_by_round": s["hop_p99_by_round"], "settled": s["settled"],
-         "cpu_ms_per_order_total": statistics.median([c for c in s["cpu"] if c is not None] or [0]),
-         "box_cores": statistics.median([c for c in s["box"] if c is not None] or [0])}
+         "cpu_ms_per_order_total": round(statistics.median([c for c in s["cpu"] if c is not None] or [0]), 2),
+         "box_cores": round(statistics.median([c for c in s["box"] if c is not None] or [0]), 2)}
         for rate, s in sorted(steps.items())
     ]  # fmt: skip
     return out
