@@ -1,7 +1,7 @@
 """Events across databases (issue 15) side by side with the in-database relay, in one run.
 
-    uv run --group bench python -m bench.broker [--orders 3000] [--rates 50 100 200] [--duration 10]
-                                                [--rounds 2] [--nats-nodes 3 [1]]
+    uv run --group bench python -m bench.broker [--orders 2000] [--rates 25 50 100] [--duration 8]
+                                                [--rounds 2] [--nats-nodes 3 1]     # ~7 min
 
 Real processes over real sockets: one embedded PostgreSQL in a temporary folder (or DATABASE_URL's
 server) holding every database, `switchboard serve` processes (1 granian worker each, production
@@ -631,13 +631,13 @@ async def main(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--orders", type=int, default=3000, help="the drain's backlog")
+    parser.add_argument("--orders", type=int, default=2000, help="the drain's backlog")
     parser.add_argument(
-        "--rates", type=float, nargs="+", default=[50, 100, 200], help="offered orders/s for the lag"
+        "--rates", type=float, nargs="+", default=[25, 50, 100], help="offered orders/s for the lag"
     )
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per rate")
+    parser.add_argument("--duration", type=float, default=8.0, help="seconds per rate")
     parser.add_argument("--rounds", type=int, default=2, help="each setup this many times, alternating")
-    parser.add_argument("--nats-nodes", type=int, nargs="+", default=[3], choices=[1, 3],
+    parser.add_argument("--nats-nodes", type=int, nargs="+", default=[3, 1], choices=[1, 3],
                         help="3: a 3-node cluster, stream R3; 1: one server, R1 (both: two broker setups)")  # fmt: skip
     parser.add_argument("--data-dir", help="keep the database, NATS stores and logs here")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")

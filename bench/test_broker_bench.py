@@ -18,7 +18,7 @@ def test_broker_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "broker.jsonl"
     done = subprocess.run(
         [sys.executable, "-m", "bench.broker", "--orders", "20", "--rates", "10", "--duration", "1"]
-        + ["--rounds", "1", "--out", str(out), "--data-dir", str(tmp_path / "data")],
+        + ["--rounds", "1", "--nats-nodes", "3", "--out", str(out), "--data-dir", str(tmp_path / "data")],
         cwd=ROOT,
         capture_output=True,
         text=True,
