@@ -11,6 +11,9 @@ import sys
 from app.cli.process import Failure
 from app.settings import get_settings
 
+# a cluster's nodes start one by one: a peer not up yet is retried by the server, not an error
+ROUTE_RETRY = "Error trying to connect to route"
+
 
 def add_broker_parser(command, sub) -> None:
     broker = command(sub, "broker", help="run a local NATS JetStream server (store under the data dir)")
@@ -64,7 +67,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
             ready = True
             joined = f", cluster port {args.cluster_port}" if peers else ""
             print(f"switchboard: JetStream broker on nats://{args.host}:{port} (store {store}{joined})", flush=True)
-        elif ready and ("[ERR]" in line or "[FTL]" in line):
+        elif ready and ("[ERR]" in line or "[FTL]" in line) and ROUTE_RETRY not in line:
             print(f"switchboard: broker: {last.split('] ', 1)[-1]}", file=sys.stderr, flush=True)
     code = process.wait()
     if not ready or code not in (0, -signal.SIGINT, -signal.SIGTERM):

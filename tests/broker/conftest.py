@@ -10,7 +10,9 @@ consuming side of the split (same PostgreSQL server, nothing shared with the ses
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,7 +26,7 @@ from app.broker.server import server_command
 from app.db import Database, ensure_database, with_database
 from app.migrate import upgrade
 from tests.scale import conftest as scale
-from tests.scale.conftest import alive, free_port, wait_for
+from tests.scale.conftest import alive, wait_for
 
 # `cluster` (switchboard serve processes) and the hook that prints their output on a failure
 cluster = scale.cluster
@@ -35,7 +37,7 @@ STOP_TIMEOUT = 10.0
 
 
 class NodeDied(Exception):
-    """A node exited before the cluster was ready: its port was taken between free_port() and its
+    """A node exited before the cluster was ready: its port was taken between listen_port() and its
     bind (other test sessions share the machine), so the cluster starts again on fresh ports."""
 
 
@@ -139,12 +141,27 @@ class NatsCluster:
         return "\n".join(f"===== {n.name}\n{n.log_path.read_text()[-4000:]}" for n in self.nodes if n.log_path.exists())
 
 
+def listen_port() -> int:
+    """A free port below the kernel's ephemeral range: a node killed and restarted on its ports
+    must find them free, and an ephemeral one can meanwhile be the source port of any outgoing
+    connection on the machine (a peer's route reconnecting, another test's client)."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    while True:
+        port = random.randrange(max(1024, low - 12000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
 def start_cluster(base: Path, size: int = 3) -> NatsCluster:
     cluster = NatsCluster()
     for i in range(size):
         store = base / f"n{i}"
         store.mkdir(parents=True)
-        node = Node(f"n{i}", free_port(), free_port(), free_port(), store, base / f"n{i}.log")
+        node = Node(f"n{i}", listen_port(), listen_port(), listen_port(), store, base / f"n{i}.log")
         cluster.nodes.append(node)
     for node in cluster.nodes:
         node.start([n.cluster_port for n in cluster.nodes if n is not node])
