@@ -55,7 +55,9 @@ class System:
     registry: Registry
     transport: RemoteTransport | NatsTransport
     background: list[Callable[[], Any]] = field(default_factory=list)
-    # subscribers whose inbox rows the purge must keep for now (fed from a broker; see purge.py)
+    # with a broker: each hosted subscriber's topics that come from another group's module
+    from_broker: dict[str, list[str]] = field(default_factory=dict)
+    # inbox names whose rows the purge must keep for now (fed from a broker; see purge.py)
     inbox_holds: Callable[[], Collection[str]] = lambda: ()
 
     def uow(self) -> UnitOfWork:
@@ -189,7 +191,8 @@ def bootstrap(
         from app.broker.apply import taken_name
         from app.broker.routes import consumed_topics, event_owners
 
-        held = frozenset(map(taken_name, consumed_topics(system.subscriptions, event_owners(modules), hosted)))
+        system.from_broker = consumed_topics(system.subscriptions, event_owners(modules), hosted)
+        held = frozenset(map(taken_name, system.from_broker))
         system.inbox_holds = lambda: held
     return system
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from app.broker.routes import PUBLISHER
 from app.broker.stream import PARTITIONS, STREAM, SUBJECTS, headers_of, subject
 from app.relay.ack import acknowledge
-from app.relay.claims import Batch, Claims
+from app.relay.claims import Batch, Claims, until_idle
 from app.relay.policy import RetryPolicies
 from app.relay.rows import decode_headers
 from app.relay.settle import Outcome, settle
@@ -117,11 +117,7 @@ class Publisher:
 
     async def drain(self, timeout: float = 30.0) -> int:
         """Publish until nothing is due (rows waiting for a later retry stay). For tests and tools."""
-        published = 0
-        async with asyncio.timeout(timeout):
-            while claimed := await self.run_once():
-                published += claimed
-        return published
+        return await until_idle(self.run_once, timeout)
 
     async def run_once(self) -> int:
         """Claim a batch, publish it, acknowledge what JetStream acknowledged, settle the rest."""

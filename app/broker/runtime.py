@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from app.broker.apply import taken_name
 from app.broker.consumer import Consumer
 from app.broker.publisher import Publisher
-from app.broker.routes import PUBLISHER, consumed_topics, event_owners
+from app.broker.routes import PUBLISHER
 from app.broker.stream import cluster_size, ensure_stream
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ class BrokerLink:
         if any(PUBLISHER in names for names in system.catalog.subscribers.values()):
             self.publisher = Publisher(system, self.js)
             self.publisher.start()
-        topics = consumed_topics(system.subscriptions, event_owners(system.modules), system.hosted)
+        topics = system.from_broker
         for subscriber, consumed in topics.items():
             consumer = Consumer(system, self.js, subscriber, topics=consumed)
             await consumer.ensure()

@@ -75,11 +75,7 @@ def describe(settings: Settings) -> dict[str, Any]:
                     # the deadline the mediator applies: the message's own timeout or the default
                     "deadline_seconds": system.mediator.route(message_type).timeout,
                 })  # fmt: skip
-    fed: dict[str, list[str]] = {}  # with a broker: hosted subscribers' events from other groups
-    if settings.nats_url:
-        from app.broker.routes import consumed_topics, event_owners
-
-        fed = consumed_topics(system.subscriptions, event_owners(system.modules), here)
+    fed = system.from_broker  # with a broker: hosted subscribers' events from other groups
     subscriptions = []
     for name, bound in system.subscriptions.items():
         sub = bound.subscription

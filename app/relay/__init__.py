@@ -30,7 +30,7 @@ import asyncpg
 from app.db import OUTBOX_CHANNEL
 from app.relay import purge
 from app.relay.ack import acknowledge
-from app.relay.claims import Batch, Claims
+from app.relay.claims import Batch, Claims, until_idle
 from app.relay.delivery import Delivery, groups
 from app.relay.policy import RetryPolicies, backoff_delay
 from app.relay.settle import settle
@@ -201,11 +201,7 @@ class Relay:
 
     async def drain(self, timeout: float = 30.0) -> int:
         """Deliver until nothing is due (rows waiting for a later retry stay). For tests and tools."""
-        delivered = 0
-        async with asyncio.timeout(timeout):
-            while claimed := await self.run_once():
-                delivered += claimed
-        return delivered
+        return await until_idle(self.run_once, timeout)
 
     # -- one cycle -------------------------------------------------------------------------------
 

@@ -127,6 +127,16 @@ class Claims:
                 log.warning("relay %s: could not extend leases: %s", self.instance_id, error)
 
 
+async def until_idle(run_once, timeout: float) -> int:
+    """Claim-and-settle cycles until one claims nothing (rows waiting for a later retry stay);
+    how many rows they claimed. What `drain()` of the relay and of the publisher is, for tests and tools."""
+    claimed = 0
+    async with asyncio.timeout(timeout):
+        while count := await run_once():
+            claimed += count
+    return claimed
+
+
 def rowcount(status: str) -> int:
     """Rows a statement touched, from asyncpg's command tag ("UPDATE 3", "DELETE 0")."""
     return int(status.rsplit(" ", 1)[1])
