@@ -74,9 +74,17 @@ def metadata_of(headers: Mapping[str, str]) -> dict[str, str]:
     return {key: headers[name] for key, name in CONTEXT_HEADERS.items() if name in headers}
 
 
+CLUSTER_REPLICAS = 3  # a quorum survives one node's loss
+
+
 def cluster_size(nc) -> int:
-    """The servers the client knows (given and discovered): the replicas a stream can have (JetStream allows up to 5)."""
-    return max(1, min(5, len(nc.servers)))
+    """The replicas to give the stream: 1 on a server that is not in a cluster (its INFO names no
+    cluster), else at least CLUSTER_REPLICAS, more if more servers are known (JetStream allows up
+    to 5). Not the discovered servers alone: a client given one URL may not have heard of every
+    peer yet, and processes that counted differently would keep changing the stream's replicas."""
+    if not nc._server_info.get("cluster"):  # nats-py keeps the server's INFO only there
+        return 1
+    return min(5, max(CLUSTER_REPLICAS, len(nc.servers)))
 
 
 async def ensure_stream(js, replicas: int, *, name: str = STREAM, prefix: str = SUBJECTS):
